@@ -1,0 +1,46 @@
+"""Command line: python -m energyflow_jax.main --config=sweeps/<name>.py[:preset] --workdir=DIR
+
+Overrides use ml_collections syntax, e.g. --config.optim.total_steps=500.
+Re-running the same command resumes from DIR's latest checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# experiment name -> "module:function" taking (config, workdir) and returning the report.
+EXPERIMENTS = {
+    "toy": "energyflow_jax.train:train_and_evaluate",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (sweeps/*.py[:preset]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str) -> dict:
+    if config.experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {config.experiment!r}; known: {sorted(EXPERIMENTS)}")
+    module_name, fn_name = EXPERIMENTS[config.experiment].split(":")
+    os.makedirs(workdir, exist_ok=True)
+    return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    report = run(_CONFIG.value, _WORKDIR.value)
+    summary = {k: v for k, v in report.items() if k not in ("config",)}
+    print(f"report: {os.path.join(_WORKDIR.value, 'report.json')}")
+    for key in sorted(summary):
+        if not isinstance(summary[key], (dict, list)):
+            print(f"  {key}: {summary[key]}")
+
+
+if __name__ == "__main__":
+    app.run(main)

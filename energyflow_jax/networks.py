@@ -1,0 +1,237 @@
+"""Backbones shared by the energy and free-field models.
+
+Layout is channels-last: an action chunk is (batch, horizon, action_dim).
+
+1-D convolutions are written as a concatenation of shifted windows followed by
+one matrix multiply. XLA's CPU convolution kernels are about 10x slower than
+its matmuls on our machines, and double backprop through them is worse (see
+NOTES.md); the shifted-window form is the same convolution and lowers to dense
+dots on every backend.
+
+`dtype` is the compute dtype of the matmuls (parameters stay float32). bfloat16
+roughly doubles matmul throughput on CPUs with AVX512-BF16 and on GPUs;
+normalization statistics, the energy head and all reductions stay float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def torch_uniform_init(fan_in: int):
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    Kept so that the published recipe starts from the same distribution.
+    """
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _shifted_windows(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
+    """(B, L, C) -> (B, ceil(L / stride), kernel_size * C), zero padded 'same'."""
+    pad = kernel_size // 2
+    length = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+    out_len = -(-length // stride)
+    taps = [
+        jax.lax.slice_in_dim(xp, i, i + stride * (out_len - 1) + 1, stride=stride, axis=1)
+        for i in range(kernel_size)
+    ]
+    return jnp.concatenate(taps, axis=-1)
+
+
+class Dense(nn.Module):
+    """Linear layer with PyTorch's init and float32 accumulation."""
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = torch_uniform_init(x.shape[-1])
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                    preferred_element_type=jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", init, (self.features,))
+        return y
+
+
+class Conv1D(nn.Module):
+    """'Same'-padded 1-D convolution as shifted windows + one dot."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = self.kernel_size * x.shape[-1]
+        init = torch_uniform_init(fan_in)
+        kernel = self.param("kernel", init, (fan_in, self.features))
+        if self.kernel_size == 1 and self.stride == 1:
+            windows = x
+        else:
+            windows = _shifted_windows(x, self.kernel_size, self.stride)
+        y = jnp.dot(windows.astype(self.dtype), kernel.astype(self.dtype),
+                    preferred_element_type=jnp.float32)
+        return y + self.param("bias", init, (self.features,))
+
+
+def _power_iteration_sigma(w: jax.Array, n_iter: int) -> jax.Array:
+    """Largest singular value of w by power iteration from a fixed start.
+
+    The vectors are re-derived from the weights on every call instead of being
+    carried as state, so any set of weights (the live ones, the EMA ones, a
+    restored checkpoint) is normalized consistently. The singular vectors are
+    treated as constants under differentiation, as in PyTorch's spectral_norm.
+    """
+    w = jax.lax.stop_gradient(w.astype(jnp.float32))
+    v = jnp.ones((w.shape[1],), jnp.float32) / math.sqrt(w.shape[1])
+
+    def body(_, v):
+        u = w @ v
+        u = u / (jnp.linalg.norm(u) + 1e-12)
+        v = w.T @ u
+        return v / (jnp.linalg.norm(v) + 1e-12)
+
+    v = jax.lax.fori_loop(0, n_iter, body, v)
+    u = w @ v
+    u = u / (jnp.linalg.norm(u) + 1e-12)
+    return u, v
+
+
+class SpectralDense(nn.Module):
+    """Dense layer whose kernel is divided by its spectral norm."""
+
+    features: int
+    use_bias: bool = True
+    n_power_iter: int = 20
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = torch_uniform_init(x.shape[-1])
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        u, v = _power_iteration_sigma(kernel, self.n_power_iter)
+        sigma = u @ kernel @ v
+        y = x.astype(jnp.float32) @ (kernel / sigma)
+        if self.use_bias:
+            y = y + self.param("bias", init, (self.features,))
+        return y
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """Sinusoidal features of t followed by a 2-layer MLP (Softplus)."""
+
+    dim: int = 128
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        half = self.dim // 2
+        freqs = jnp.exp(-math.log(1e4) * jnp.arange(half, dtype=jnp.float32) / half)
+        angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+        h = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        h = nn.softplus(Dense(self.dim, dtype=self.dtype)(h))
+        return Dense(self.dim, dtype=self.dtype)(h)
+
+
+class StateEncoder(nn.Module):
+    """Flattened observation history -> embedding (2 Softplus layers)."""
+
+    dim: int = 128
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, s: jax.Array) -> jax.Array:
+        h = s.reshape(s.shape[0], -1)
+        h = nn.softplus(Dense(self.dim, dtype=self.dtype)(h))
+        return nn.softplus(Dense(self.dim, dtype=self.dtype)(h))
+
+
+class ConvBlock(nn.Module):
+    """Conv -> GroupNorm -> Softplus."""
+
+    features: int
+    kernel_size: int
+    n_groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Conv1D(self.features, self.kernel_size, dtype=self.dtype)(x)
+        h = nn.GroupNorm(num_groups=self.n_groups, epsilon=1e-5)(h)
+        return nn.softplus(h)
+
+
+class FiLMResBlock(nn.Module):
+    """Two conv blocks with FiLM (scale, bias) from the conditioning between."""
+
+    features: int
+    kernel_size: int
+    n_groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(x)
+        film = Dense(2 * self.features, dtype=self.dtype)(cond)
+        scale, bias = jnp.split(film, 2, axis=-1)
+        h = h * (1.0 + scale[:, None, :]) + bias[:, None, :]
+        h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(h)
+        if x.shape[-1] != self.features:
+            x = Conv1D(self.features, 1, dtype=self.dtype)(x)
+        return h + x
+
+
+class UNet1D(nn.Module):
+    """The published 1-D conditional U-Net; returns (B, L, down_dims[0]) features.
+
+    Like the reference, the skip connection of the first level is not consumed.
+    """
+
+    down_dims: Sequence[int] = (64, 128, 256)
+    kernel_size: int = 5
+    n_groups: int = 8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, a: jax.Array, cond: jax.Array) -> jax.Array:
+        res = lambda f: FiLMResBlock(f, self.kernel_size, self.n_groups, self.dtype)  # noqa: E731
+        x = a
+        skips = []
+        n_levels = len(self.down_dims)
+        for level, features in enumerate(self.down_dims):
+            x = res(features)(x, cond)
+            x = res(features)(x, cond)
+            skips.append(x)
+            if level < n_levels - 1:
+                x = Conv1D(features, 3, stride=2, dtype=self.dtype)(x)
+        mid = self.down_dims[-1]
+        x = res(mid)(x, cond)
+        x = res(mid)(x, cond)
+        for features in reversed(self.down_dims[:-1]):
+            skip = skips.pop()
+            x = jnp.concatenate([_match_length(x, skip.shape[1]), skip], axis=-1)
+            x = res(features)(x, cond)
+            x = res(features)(x, cond)
+            x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour x2
+            x = Conv1D(features, 3, dtype=self.dtype)(x)
+        return _match_length(x, a.shape[1])
+
+
+def _match_length(x: jax.Array, length: int) -> jax.Array:
+    """Zero-pad or crop the time axis; odd horizons do not halve evenly."""
+    if x.shape[1] < length:
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
+    return x[:, :length]

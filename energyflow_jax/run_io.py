@@ -1,0 +1,141 @@
+"""What a run leaves in its workdir: metrics, checkpoints, the final report.
+
+Only process 0 writes files; orbax coordinates checkpoints across hosts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write via a temp file and rename, so a killed run never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serializable: {type(x)}")
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class MetricsWriter:
+    """Appends to DIR/metrics.jsonl, and to TensorBoard / wandb when enabled."""
+
+    def __init__(self, workdir: str, log_config, config_dict: dict, resume_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = is_main_process()
+        self._tb = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._drop_lines_after(resume_step)
+        if log_config.tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if log_config.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("log.wandb=True needs `pip install wandb`") from e
+            self._wandb = wandb.init(project=log_config.wandb_project, config=config_dict,
+                                     dir=workdir, resume="allow")
+
+    def _drop_lines_after(self, step: int) -> None:
+        """A run killed after logging but before checkpointing logged steps it
+        will redo; drop them so the resumed log has each step once."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, target):
+    """(state, step) from the newest complete checkpoint, or (target, 0).
+
+    `target` supplies structure, shapes and shardings; orbax never reports an
+    unfinished (killed mid-save) checkpoint as the latest step.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return target, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix spelled out
+        raise RuntimeError(
+            f"could not restore checkpoint step {step} from {manager.directory}: {e}\n"
+            "If the config changed shapes since that checkpoint, use a fresh --workdir."
+        ) from e
+    return restored, step
