@@ -339,6 +339,11 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return _pearson(_ranks(x), _ranks(y))
 
 
+@jax.jit
+def _apply_reward(reward: Reward, inputs: RewardInputs) -> jax.Array:
+    return reward(inputs)
+
+
 def reward_quality(
     reward_fn: Callable[[RewardInputs], jax.Array],
     expert: RewardInputs,
@@ -355,7 +360,10 @@ def reward_quality(
         given transitions (pooled), and, with `episode_ids`, the mean within-episode
         Spearman (the ordering along each trajectory, free of across-episode offsets).
     """
-    reward_fn = jax.jit(reward_fn)
+    if isinstance(reward_fn, Reward):  # pass its arrays as arguments, not as constants
+        reward_fn = functools.partial(_apply_reward, reward_fn)
+    else:
+        reward_fn = jax.jit(reward_fn)
     r_expert = reward_fn(expert)  # (N,)
 
     def score_alternative(actions: jax.Array) -> jax.Array:  # (N, A) -> (N,)
