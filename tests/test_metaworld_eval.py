@@ -1,0 +1,127 @@
+"""Batched receding-horizon evaluation on Meta-World v3."""
+
+import math
+
+import numpy as np
+import pytest
+
+from energyflow_jax.data import metaworld_demos as md
+from energyflow_jax.evaluation import metaworld_eval as me
+
+TASK = "button-press-v3"
+
+
+class CountingPolicy:
+    """Wraps a policy_fn and records every call's input batch."""
+
+    def __init__(self, policy_fn):
+        self.policy_fn = policy_fn
+        self.inputs = []
+
+    def __call__(self, obs_history):
+        self.inputs.append(np.array(obs_history))
+        return self.policy_fn(obs_history)
+
+
+def test_expert_policy_succeeds_with_one_call_per_replan(tmp_path):
+    policy = CountingPolicy(me.make_expert_policy_fn(TASK, pred_horizon=16))
+    result = me.evaluate(policy, TASK, n_episodes=4, seed=0, obs_horizon=2, exec_horizon=4,
+                         max_steps=200, n_plot=1, out_dir=str(tmp_path))
+    assert result["success_rate"] >= 0.75
+    assert result["n_episodes"] == 4 and len(result["episodes"]) == 4
+    lo, hi = result["ci95"]
+    assert 0.0 <= lo <= result["success_rate"] <= hi <= 1.0
+    steps = [ep["steps"] for ep in result["episodes"]]
+    assert all(1 <= s <= 200 for s in steps)
+    assert result["env_steps"] == sum(steps)
+    # One call serves all envs per replan: as many calls as the longest episode needs.
+    assert len(policy.inputs) == result["n_policy_calls"] == math.ceil(max(steps) / 4)
+    for batch in policy.inputs:
+        assert batch.shape == (4, 2, md.OBS_DIM) and batch.dtype == np.float32
+    # Start padding: the first history repeats the first observation.
+    np.testing.assert_array_equal(policy.inputs[0][:, 0], policy.inputs[0][:, 1])
+    # Later histories hold two consecutive, different observations.
+    assert not np.array_equal(policy.inputs[1][:, 0], policy.inputs[1][:, 1])
+    assert all(ep["return"] > 0 for ep in result["episodes"])
+    assert result["env_steps_per_s"] > 0
+    assert len(result["plots"]) == 1 and (tmp_path / result["plots"][0].split("/")[-1]).stat().st_size > 0
+
+
+def test_random_policy_fails_and_waves_keep_batch_shape():
+    policy = CountingPolicy(me.make_random_policy_fn(pred_horizon=8, seed=0))
+    result = me.evaluate(policy, TASK, n_episodes=3, seed=0, exec_horizon=8, max_steps=80, num_envs=2)
+    assert result["success_rate"] == 0.0
+    assert result["ci95"][0] == 0.0
+    assert [ep["steps"] for ep in result["episodes"]] == [80, 80, 80]
+    # Two waves (2 + 1 episodes), 10 replans each, always a batch of num_envs rows.
+    assert result["n_policy_calls"] == len(policy.inputs) == 2 * 10
+    assert {batch.shape for batch in policy.inputs} == {(2, 2, md.OBS_DIM)}
+
+
+def test_eval_configs_disjoint_from_demo_configs():
+    result = me.evaluate(me.make_random_policy_fn(pred_horizon=8), TASK, n_episodes=3, seed=0,
+                         exec_horizon=8, max_steps=8)
+    eval_vecs = np.array([ep["rand_vec"] for ep in result["episodes"]])
+    demo_vecs = md.config_rand_vecs(TASK, "demo", 0, range(20))
+    md.assert_configs_disjoint(eval_vecs, demo_vecs)
+    assert len(np.unique(eval_vecs, axis=0)) == 3
+    # evaluate refuses layouts it is told to exclude (e.g. the demos' own).
+    with pytest.raises(ValueError, match="shared between"):
+        me.evaluate(me.make_random_policy_fn(pred_horizon=8), TASK, n_episodes=3, seed=0,
+                    max_steps=8, exclude_rand_vecs=eval_vecs[1:2])
+    # Accepted when the exclusion list really is disjoint.
+    me.evaluate(me.make_random_policy_fn(pred_horizon=8), TASK, n_episodes=1, seed=0,
+                max_steps=8, exclude_rand_vecs=demo_vecs)
+
+
+def test_perturbation_levels_move_hand_and_object():
+    env = md.make_env(TASK)
+    hand = np.array(env.hand_init_pos, np.float64)
+    config = md.sample_config(env, TASK, "eval", 0, 0)
+    obs0, info0 = me.reset_episode(env, config, hand, me.resolve_perturbation("0"), np.random.default_rng(0))
+    assert info0["hand_offset"] == [0.0, 0.0, 0.0] and info0["object_offset"] == [0.0, 0.0]
+    realized = {}
+    for level in ("S", "M", "L"):
+        p = me.resolve_perturbation(level)
+        _, info = me.reset_episode(env, config, hand, p, np.random.default_rng(1))
+        realized[level] = (np.linalg.norm(info["hand_offset"]), np.linalg.norm(info["object_offset"]))
+        assert realized[level][0] == pytest.approx(p.hand_shift, abs=0.01)
+        assert realized[level][1] == pytest.approx(p.object_shift, abs=0.005)
+    assert realized["S"][1] < realized["M"][1] < realized["L"][1]
+    # Unperturbed reset afterwards restores the default layout and hand start.
+    obs_again, _ = me.reset_episode(env, config, hand, me.resolve_perturbation(0.0), np.random.default_rng(0))
+    np.testing.assert_allclose(obs_again, obs0, atol=1e-9)
+    assert me.resolve_perturbation(0.03).object_shift == 0.03
+    with pytest.raises(ValueError, match="Unknown perturbation level"):
+        me.resolve_perturbation("XL")
+
+
+def test_infeasible_layout_is_rejected_not_looped():
+    # pick-place re-draws its layout while object and goal are < 15 cm apart; on a
+    # frozen layout that would loop forever.
+    task = "pick-place-v3"
+    env = md.make_env(task)
+    config = md.sample_config(env, task, "eval", 0, 0)
+    bad = md.config_rand_vec(config).copy()
+    bad[:2] = bad[3:5]  # object on the goal
+    env.set_task(config)
+    with pytest.raises(me._InfeasibleLayout):
+        me._reset_with_rand_vec(env, bad)
+    # The env is usable afterwards, and an "L" perturbation finds a feasible direction.
+    _, info = me.reset_episode(env, config, np.array(env.hand_init_pos, np.float64),
+                               me.resolve_perturbation("L"), np.random.default_rng(0))
+    assert np.linalg.norm(info["object_offset"]) == pytest.approx(0.10, abs=0.01)
+
+
+def test_wilson_interval_known_values():
+    np.testing.assert_allclose(me.wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
+    np.testing.assert_allclose(me.wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
+    np.testing.assert_allclose(me.wilson_interval(10, 10), (0.7225, 1.0), atol=1e-4)
+    assert me.wilson_interval(50, 50)[1] == 1.0
+
+
+def test_bad_policy_output_is_reported():
+    with pytest.raises(ValueError, match="expected \\(2, pred_horizon >= exec_horizon=8, 4\\)"):
+        me.evaluate(lambda obs: np.zeros((2, 4, 4)), TASK, n_episodes=2, seed=0, max_steps=8)
+    with pytest.raises(ValueError, match="non-finite"):
+        me.evaluate(lambda obs: np.full((1, 8, 4), np.nan), TASK, n_episodes=1, seed=0, max_steps=8)
