@@ -21,6 +21,7 @@ so the whole step stays pure, jit-able and checkpointable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -41,7 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.hidden_dims = (256, 256)
     c.learning_rate = 3e-4
     c.batch_size = 256  # expert samples per update (policy batch comes from SAC's batch)
-    c.grad_penalty = 1.0  # weight of E ||grad_x f(x_mix)||^2
+    # Weight of E ||grad_x f(x_mix)||^2. It trades separation for smoothness: on the 2-D
+    # toy of tests/test_airl.py, 0 / 0.1 / 1.0 gave held-out accuracy 0.99 / 0.93 / 0.91
+    # and expert-minus-random reward gaps of 12 / 1.3 / 0.2 after 500 steps.
+    c.grad_penalty = 0.1
     c.reward_clip = 10.0
     return c
 
@@ -114,12 +118,18 @@ class AdversarialReward:
     def act_dim(self) -> int:
         return int(self.expert_inputs.action.shape[1])
 
+    @functools.cached_property
+    def _module(self) -> Discriminator:
+        # One module object per reward: its apply_fn is a static field of the state, so
+        # a state rebuilt for a resumed run reuses the compiled SAC step.
+        return Discriminator(tuple(self.config.hidden_dims))
+
     def init(self, rng: jax.Array) -> DiscriminatorState:
         expert = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.expert_inputs)
         obs = expert.obs.reshape(-1, self.obs_dim)
         # Floor the std: constant observation dims (padding) would otherwise blow up.
         obs_std = jnp.maximum(obs.std(0), 1e-2)
-        module = Discriminator(tuple(self.config.hidden_dims))
+        module = self._module
         features = jnp.zeros((1, self.obs_horizon * self.obs_dim + self.act_dim))
         train_state = TrainState.create(apply_fn=module.apply,
                                         params=module.init(rng, features)["params"],

@@ -72,6 +72,19 @@ def default_config() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------ agent
 
 
+# apply_fn and tx are static fields of the agent pytree, compared by identity when jit
+# looks up a compiled step. Sharing one module / optimizer object per configuration lets
+# agents created again in the same process (a resumed run, a sweep, tests) reuse it.
+@functools.lru_cache(maxsize=None)
+def _module(cls, *args):
+    return cls(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    return optax.adam(learning_rate)
+
+
 class SACAgent(struct.PyTreeNode):
     rng: jax.Array
     actor: TrainState
@@ -91,18 +104,19 @@ class SACAgent(struct.PyTreeNode):
         act = jnp.zeros((1, act_dim))
         hidden = tuple(config.hidden_dims)
 
-        actor_def = TanhGaussianActor(hidden, act_dim)
+        actor_def = _module(TanhGaussianActor, hidden, act_dim)
         actor = TrainState.create(apply_fn=actor_def.apply,
                                   params=actor_def.init(actor_key, obs)["params"],
-                                  tx=optax.adam(config.actor_lr))
-        critic_def = CriticEnsemble(hidden, config.num_critics, config.critic_layer_norm)
+                                  tx=_adam(config.actor_lr))
+        critic_def = _module(CriticEnsemble, hidden, config.num_critics,
+                             config.critic_layer_norm)
         critic_params = critic_def.init(critic_key, obs, act)["params"]
         critic = TrainState.create(apply_fn=critic_def.apply, params=critic_params,
-                                   tx=optax.adam(config.critic_lr))
-        temp_def = Temperature(config.init_temperature)
+                                   tx=_adam(config.critic_lr))
+        temp_def = _module(Temperature, float(config.init_temperature))
         temp = TrainState.create(apply_fn=temp_def.apply,
                                  params=temp_def.init(temp_key)["params"],
-                                 tx=optax.adam(config.temp_lr))
+                                 tx=_adam(config.temp_lr))
         target_entropy = config.target_entropy
         if target_entropy is None:
             target_entropy = -float(act_dim)
@@ -334,10 +348,13 @@ def _learn(state: LoopState, transitions: Batch, reward: Any, num_updates: int,
     One compiled call per environment step keeps host<->device round trips down; the
     loop state is donated so the replay buffer is updated in place.
     """
+    reward_inputs = transitions["reward_inputs"]
     if learned_reward is None:  # fixed reward: score once, store only the reward
-        reward_inputs = transitions["reward_inputs"]
+        rewards = reward(reward_inputs)
         transitions = {k: v for k, v in transitions.items() if k != "reward_inputs"}
-        transitions["rewards"] = reward(reward_inputs)
+        transitions["rewards"] = rewards
+    else:  # stored inputs are re-scored at every update; this score is only logged
+        rewards = learned_reward.reward(state.reward_state, reward_inputs)
     buffer = replay_lib.insert(state.buffer, transitions)
     rng, update_key = jax.random.split(state.rng)
     agent, reward_state, metrics = state.agent, state.reward_state, {}
@@ -345,7 +362,7 @@ def _learn(state: LoopState, transitions: Batch, reward: Any, num_updates: int,
         agent, reward_state, metrics = scan_updates(agent, buffer, update_key, num_updates,
                                                     batch_size, learned_reward, reward_state)
     state = state.replace(agent=agent, buffer=buffer, rng=rng, reward_state=reward_state)
-    return state, transitions.get("rewards"), metrics
+    return state, rewards, metrics
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
@@ -402,11 +419,12 @@ def train_sac(
     example = {
         "obs": np.zeros(envs.obs_dim, np.float32),
         "actions": np.zeros(envs.act_dim, np.float32),
-        "rewards": np.zeros((), np.float32),
         "masks": np.zeros((), np.float32),
         "next_obs": np.zeros(envs.obs_dim, np.float32),
     }
-    if learned:  # the reward is recomputed from these at every update
+    if not learned:
+        example["rewards"] = np.zeros((), np.float32)
+    else:  # the reward is recomputed from these at every update
         example["reward_inputs"] = rewards_lib.RewardInputs(
             obs=np.zeros((obs_horizon, envs.obs_dim), np.float32),
             action=np.zeros(envs.act_dim, np.float32),
@@ -480,15 +498,14 @@ def train_sac(
             }
             env_step += num_envs
             num_updates = updates_per_step if env_step > config.warmup_env_steps else 0
-            state, stored_rewards, update_metrics = _learn(
+            state, step_rewards, update_metrics = _learn(
                 state, transitions, reward_arg, num_updates, config.batch_size, learned_arg)
             if update_metrics:
                 last_metrics = update_metrics
 
             # Host bookkeeping: episode statistics, history, resets.
             envs.episode_return += env_reward
-            if stored_rewards is not None:
-                envs.episode_reward += np.asarray(stored_rewards)
+            envs.episode_reward += np.asarray(step_rewards)
             envs.episode_success = np.maximum(envs.episode_success, success)
             envs.episode_length += 1
             envs.obs_history = np.concatenate([envs.obs_history[:, 1:], next_obs[:, None]], 1)
