@@ -34,6 +34,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from energyflow_jax.rewards import RewardInputs
+from energyflow_jax.sac.agent import strong_types
 from energyflow_jax.sac.networks import MLP
 
 
@@ -120,9 +121,13 @@ class AdversarialReward:
 
     @functools.cached_property
     def _module(self) -> Discriminator:
-        # One module object per reward: its apply_fn is a static field of the state, so
-        # a state rebuilt for a resumed run reuses the compiled SAC step.
+        # One module and optimizer object per reward: they are static fields of the state,
+        # so a state rebuilt for a resumed run reuses the compiled SAC step.
         return Discriminator(tuple(self.config.hidden_dims))
+
+    @functools.cached_property
+    def _optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.config.learning_rate)
 
     def init(self, rng: jax.Array) -> DiscriminatorState:
         expert = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.expert_inputs)
@@ -133,9 +138,10 @@ class AdversarialReward:
         features = jnp.zeros((1, self.obs_horizon * self.obs_dim + self.act_dim))
         train_state = TrainState.create(apply_fn=module.apply,
                                         params=module.init(rng, features)["params"],
-                                        tx=optax.adam(self.config.learning_rate))
-        return DiscriminatorState(train_state=train_state, expert=expert,
-                                  obs_mean=obs.mean(0), obs_std=obs_std)
+                                        tx=self._optimizer)
+        state = DiscriminatorState(train_state=train_state, expert=expert,
+                                   obs_mean=obs.mean(0), obs_std=obs_std)
+        return strong_types(state)
 
     def logits(self, state: DiscriminatorState, inputs: RewardInputs) -> jax.Array:
         return state.train_state.apply_fn({"params": state.train_state.params},

@@ -122,10 +122,20 @@ class SACAgent(struct.PyTreeNode):
             target_entropy = -float(act_dim)
         # A copy, not an alias: the training step donates the agent's buffers.
         target_params = jax.tree.map(jnp.copy, critic_params)
-        return cls(rng=rng, actor=actor, critic=critic, target_critic_params=target_params,
-                   temp=temp, discount=float(config.discount), tau=float(config.tau),
-                   target_entropy=float(target_entropy),
-                   backup_entropy=bool(config.backup_entropy))
+        agent = cls(rng=rng, actor=actor, critic=critic, target_critic_params=target_params,
+                    temp=temp, discount=float(config.discount), tau=float(config.tau),
+                    target_entropy=float(target_entropy),
+                    backup_entropy=bool(config.backup_entropy))
+        return strong_types(agent)
+
+
+def strong_types(tree: Any) -> Any:
+    """Every leaf as a non-weakly-typed array (Python ints/floats become int32/float32).
+
+    A fresh pytree holds weak types (TrainState.step = 0, scalar params); after one update,
+    or after an orbax restore, they are strong, and jit would compile every step twice.
+    """
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), tree)
 
 
 def _critic_loss(critic_params, agent: SACAgent, batch: Batch, rng: jax.Array):
