@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -405,7 +403,10 @@ def train_sac(
         and episode counters are restored and environments restart their episodes from
         the saved counters. A checkpoint on an episode boundary of every env (e.g.
         checkpoint_every a multiple of num_envs * episode length for fixed-length tasks)
-        makes the resumed run bit-identical to an uninterrupted one on CPU.
+        makes the resumed run bit-identical to an uninterrupted one on CPU, for envs that
+        honour reset(seed=) (Pendulum does; Meta-World v3 ignores it and draws its next
+        task configuration from its make-time RNG, so there the resumed run continues
+        with the saved agent and buffer but sees other task draws).
     Each vector step adds num_envs transitions and does num_envs * utd_ratio updates
     once warm-up is over. Returns the final agent and the last eval metrics.
     """
@@ -413,13 +414,17 @@ def train_sac(
     learned = isinstance(reward_fn, rewards_lib.LearnedReward)
     obs_horizon = rewards_lib.reward_obs_horizon(reward_fn)
     envs = _HostEnvs(env_fns, config.seed, obs_horizon)
-    rewards_lib.check_reward_compatibility(reward_fn, envs.obs_dim, envs.act_dim)
-    if not np.all(np.isfinite(envs.act_low)) or not np.all(np.isfinite(envs.act_high)):
-        raise ValueError("SAC needs a bounded action space")
-    for name in ("warmup_env_steps", "checkpoint_every", "log_every", "eval_every"):
-        if config[name] % num_envs:
-            raise ValueError(f"config.{name}={config[name]} must be a multiple of "
-                             f"num_envs={num_envs} (the loop advances num_envs steps at a time)")
+    try:
+        rewards_lib.check_reward_compatibility(reward_fn, envs.obs_dim, envs.act_dim)
+        if not np.all(np.isfinite(envs.act_low)) or not np.all(np.isfinite(envs.act_high)):
+            raise ValueError("SAC needs a bounded action space")
+        for name in ("warmup_env_steps", "checkpoint_every", "log_every", "eval_every"):
+            if config[name] % num_envs:
+                raise ValueError(f"config.{name}={config[name]} must be a multiple of num_envs="
+                                 f"{num_envs} (the loop advances num_envs steps at a time)")
+    except ValueError:
+        envs.close()
+        raise
     eval_env_fn = eval_env_fn or env_fns[0]
 
     # Fresh state; also the restore target that tells orbax every shape and dtype.
