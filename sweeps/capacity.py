@@ -38,7 +38,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # "unit": E||s||^2 = E||a||^2 = 1 for every d, so input norm (the theorem's B) is
     # held fixed and only the output dimension changes. "standard": N(0, I).
     config.rademacher.input_scale = "unit"
-    config.rademacher.constant_field_bound = 1.0  # closed-form reference class ||c|| <= L
+    # Closed-form reference classes (constant fields ||c|| <= 1, linear ||W||_F <= 1): free
+    # to evaluate, so many sign draws.
+    config.rademacher.reference_sign_draws = 256
 
     config.generalization = ml_collections.ConfigDict()
     config.generalization.enabled = True

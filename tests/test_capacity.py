@@ -156,6 +156,7 @@ def test_small_sweep_writes_capacity_json(tmp_path):
     assert {(r["class"], r["d"], r["n"]) for r in rows} == {(c, d, 16) for c in ("conservative", "free") for d in (1, 4)}
     for r in rows:
         assert r["mean"] > 0 and math.isfinite(r["std"]) and len(r["per_draw"]) == config.rademacher.n_sign_draws
+        assert math.isfinite(r["constant_share"])
     gen = report["generalization"]
     assert {(r["class"], r["d"]) for r in gen} == {(c, d) for c in ("conservative", "free") for d in (1, 4)}
     assert all(_all_finite({k: v for k, v in r.items() if k.endswith(("_mean", "_std"))}) for r in gen)

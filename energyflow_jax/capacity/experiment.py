@@ -80,16 +80,18 @@ def action_masks(action_dims, d_max: int) -> jax.Array:
     return jnp.stack([(jnp.arange(d_max) < d).astype(jnp.float32) for d in action_dims])
 
 
-def rademacher_program(field_class, keys, masks, n, n_draws, n_restarts, steps, scale, lr):
+def rademacher_program(field_class, keys, masks, n, n_draws, n_restarts, steps, scale, n_ref_draws, lr):
     """All action dimensions (padded) x sign draws x restarts for one class and one n."""
     state_dim = field_class.state_dim
 
     def one_setting(key, mask):
-        k_x, k_est = jax.random.split(key)
+        k_x, k_est, k_ref = jax.random.split(key, 3)
         x = generalization.sample_inputs(k_x, n, state_dim, mask, scale)
         out = rademacher.estimate_rademacher(field_class, x, k_est, n_draws, n_restarts, steps, lr, mask)
-        sigma = out.pop("sigma")
-        # Closed-form reference classes on the very same points and signs.
+        del out["sigma"]
+        # Closed-form reference classes on the same points; their sups cost nothing, so
+        # they get many more sign draws and show the exact sqrt(d) law cleanly.
+        sigma = rademacher.rademacher_signs(k_ref, (n_ref_draws, n, mask.shape[0])) * mask
         out["ref_constant_field"] = jax.vmap(lambda s: rademacher.constant_field_sup(s, 1.0))(sigma)
         out["ref_linear_frobenius"] = jax.vmap(lambda s: rademacher.linear_frobenius_sup(x, s, 1.0))(sigma)
         return out
@@ -103,7 +105,7 @@ def _jitted(kind: str, fast_compile: bool):
     which compiles ~3x faster and runs ~3-5x slower: worth it only for tiny sweeps."""
     options = {"xla_backend_optimization_level": 0} if fast_compile else None
     if kind == "rademacher":
-        return jax.jit(rademacher_program, static_argnums=(0, 3, 4, 5, 6, 7), compiler_options=options)
+        return jax.jit(rademacher_program, static_argnums=(0, 3, 4, 5, 6, 7, 8), compiler_options=options)
     return jax.jit(generalization.generalization_sweep, static_argnums=(0,),
                    static_argnames=generalization.GENERALIZATION_STATIC_ARGNAMES, compiler_options=options)
 
@@ -126,7 +128,7 @@ def rademacher_sweep(config, progress=None) -> dict:
             program = _jitted("rademacher", bool(config.get("fast_compile", False)))
             out = jax.device_get(program(field_class, keys, masks, int(n), int(rc.n_sign_draws),
                                                      int(rc.n_restarts), int(rc.ascent_steps), rc.input_scale,
-                                                     float(rc.ascent_lr)))
+                                                     int(rc.reference_sign_draws), float(rc.ascent_lr)))
             seconds = time.perf_counter() - start
             steps = int(rc.ascent_steps)
             for i, d in enumerate(dims):
@@ -135,6 +137,8 @@ def rademacher_sweep(config, progress=None) -> dict:
                     "class": class_name, "d": int(d), "n": int(n),
                     "mean": float(out["mean"][i]), "std": float(out["std"][i]),
                     "per_draw": out["per_draw"][i].tolist(),
+                    # Share of the sup a constant field (the sample mean of f) accounts for.
+                    "constant_share": float(out["constant_part"][i].mean() / out["mean"][i]),
                     # Ascent still climbing? final / value at 80% of the steps (1.0 = flat).
                     "final_over_80pct": float(trace[-1] / trace[int(0.8 * steps)]),
                     "program_seconds": seconds,
@@ -142,7 +146,7 @@ def rademacher_sweep(config, progress=None) -> dict:
                 if class_name == MODEL_CLASSES[0]:
                     for ref in ("constant_field", "linear_frobenius"):
                         values = out[f"ref_{ref}"][i]
-                        refs.append({"class": ref, "d": int(d), "n": int(n), "bound": 1.0,
+                        refs.append({"class": ref, "d": int(d), "n": int(n), "bound": 1.0, "n_draws": len(values),
                                      "mean": float(values.mean()), "std": float(values.std())})
             if progress is not None:
                 progress.set_postfix_str(f"rademacher {class_name} n={n} ({seconds:.0f}s)")
@@ -302,8 +306,14 @@ def _plot_gap(path, rows, slopes):
 # ----------------------------------------------------------------------------- entry point
 
 
-def summarize(slopes: dict, gen_slopes: dict) -> dict:
+def summarize(slopes: dict, gen_slopes: dict, rows: list[dict]) -> dict:
     summary = {}
+    n_max, dims = max(r["n"] for r in rows), sorted({r["d"] for r in rows})
+    for name in MODEL_CLASSES:
+        for d in (dims[0], dims[-1]):
+            row = next(r for r in rows if r["class"] == name and r["n"] == n_max and r["d"] == d)
+            summary[f"rademacher_{name}_d{d}_n{n_max}"] = row["mean"]
+            summary[f"constant_share_{name}_d{d}_n{n_max}"] = row["constant_share"]
     for name in (*MODEL_CLASSES, "constant_field", "linear_frobenius"):
         if name in slopes:
             summary[f"rademacher_d_slope_{name}"] = slopes[name]["d_slope_pooled"]["slope"]
@@ -328,7 +338,7 @@ def run(config, workdir) -> dict:
         gen_rows = generalization_sweep(config, progress) if config.generalization.enabled else []
     slopes = rademacher_slopes(rad["rows"], rad["references"])
     gen_slopes = generalization_slopes(gen_rows)
-    summary = summarize(slopes, gen_slopes)
+    summary = summarize(slopes, gen_slopes, rad["rows"])
     summary["runtime_seconds"] = time.perf_counter() - start
 
     _plot_complexity(os.path.join(workdir, "complexity_vs_d.png"), rad["rows"], rad["references"], slopes)
