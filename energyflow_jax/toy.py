@@ -1,8 +1,8 @@
 """A toy task whose true energy is known in closed form.
 
-State s = (cos theta, sin theta), theta ~ U[0, 2 pi). The action a in R^2 is
-drawn from a mixture of `n_modes` isotropic Gaussians of std `mode_std` whose
-centres sit on the unit circle, rotated by theta. The true energy is
+State s ~ U[-1, 1]^2. The action a in R^2 is drawn from an equal mixture of
+four isotropic Gaussians of std MODE_STD centred at (+-0.7, +-0.7) + 0.5 s, so
+the modes move with the state. The true energy is
 -log p(a | s) up to a constant in s, so training can be checked by how well
 the learned E(a, s, gamma) ranks actions within each state.
 """
@@ -15,15 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-N_MODES = 4
-MODE_STD = 0.15
+BASE_CENTRES = jnp.array([[0.7, 0.7], [-0.7, 0.7], [-0.7, -0.7], [0.7, -0.7]])
+N_MODES = BASE_CENTRES.shape[0]
+MODE_STD = 0.2
+STATE_SHIFT = 0.5
 
 
-def mode_centres(s: jax.Array, n_modes: int = N_MODES) -> jax.Array:
-    """(B, 2) states -> (B, n_modes, 2) mixture centres."""
-    theta = jnp.arctan2(s[:, 1], s[:, 0])
-    angles = theta[:, None] + 2 * jnp.pi * jnp.arange(n_modes)[None, :] / n_modes
-    return jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+def mode_centres(s: jax.Array) -> jax.Array:
+    """(B, 2) states -> (B, N_MODES, 2) mixture centres."""
+    return BASE_CENTRES[None] + STATE_SHIFT * s[:, None, :]
+
+
+def sample_states(rng: jax.Array, n: int) -> jax.Array:
+    return jax.random.uniform(rng, (n, 2), minval=-1.0, maxval=1.0)
 
 
 def true_energy(a: jax.Array, s: jax.Array, std: float = MODE_STD) -> jax.Array:
@@ -32,50 +36,63 @@ def true_energy(a: jax.Array, s: jax.Array, std: float = MODE_STD) -> jax.Array:
     return -jax.nn.logsumexp(-d2 / (2 * std ** 2), axis=-1)
 
 
+def sample_actions(rng: jax.Array, s: jax.Array, std: float) -> jax.Array:
+    """Draws from the mixture at states s (B, 2) with per-mode std `std`."""
+    mode_rng, noise_rng = jax.random.split(rng)
+    mode = jax.random.randint(mode_rng, (s.shape[0],), 0, N_MODES)
+    centre = mode_centres(s)[jnp.arange(s.shape[0]), mode]
+    return centre + std * jax.random.normal(noise_rng, s.shape)
+
+
 def make_dataset(rng: jax.Array, n: int) -> dict:
     """Windows in the trainer's layout: obs (n, 1, 2), actions (n, 1, 2)."""
-    theta_rng, mode_rng, noise_rng = jax.random.split(rng, 3)
-    theta = jax.random.uniform(theta_rng, (n,), maxval=2 * jnp.pi)
-    s = jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
-    mode = jax.random.randint(mode_rng, (n,), 0, N_MODES)
-    centre = jnp.take_along_axis(mode_centres(s), mode[:, None, None], axis=1)[:, 0]
-    a = centre + MODE_STD * jax.random.normal(noise_rng, (n, 2))
+    state_rng, action_rng = jax.random.split(rng)
+    s = sample_states(state_rng, n)
+    a = sample_actions(action_rng, s, MODE_STD)
     return {"obs": s[:, None, :], "actions": a[:, None, :]}
 
 
-def ranking_report(energy_fn, rng: jax.Array, n_states: int = 64, n_actions: int = 256):
-    """Spearman correlation between learned and true energy within each state.
+def ranking_report(energy_fn, schedule, rng: jax.Array, times=(1e-3, 0.3, 0.6),
+                   n_states: int = 64, n_actions: int = 256) -> dict:
+    """Spearman correlation of learned and true energy within each state.
 
-    Candidate actions are uniform on [-1.5, 1.5]^2, which covers every mode and
-    the low-density space between them.
+    DSM fits E(., s, t) to -log p_t(. | s), the data density convolved with
+    N(0, sigma(t)^2): a mixture with std sqrt(MODE_STD^2 + sigma(t)^2). At each
+    t the candidate actions are drawn from p_t itself, where the model was
+    trained; far outside it, small-t energies are extrapolations.
     """
-    s_rng, a_rng = jax.random.split(rng)
-    theta = jax.random.uniform(s_rng, (n_states,), maxval=2 * jnp.pi)
-    s = jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
-    a = jax.random.uniform(a_rng, (n_states, n_actions, 2), minval=-1.5, maxval=1.5)
-    s_rep = jnp.repeat(s, n_actions, axis=0)
-    flat_a = a.reshape(-1, 2)
-    learned = np.asarray(energy_fn(flat_a[:, None, :], s_rep[:, None, :])).reshape(n_states, n_actions)
-    truth = np.asarray(true_energy(flat_a, s_rep)).reshape(n_states, n_actions)
-    rho = np.array([stats.spearmanr(learned[i], truth[i]).statistic for i in range(n_states)])
-    return {"spearman_mean": float(np.mean(rho)), "spearman_min": float(np.min(rho)),
-            "n_states": n_states, "n_actions_per_state": n_actions}
+    report = {}
+    for t in times:
+        std_t = float(np.sqrt(MODE_STD ** 2 + schedule.sigma(t) ** 2))
+        rng, s_rng, a_rng = jax.random.split(rng, 3)
+        s = jnp.repeat(sample_states(s_rng, n_states), n_actions, axis=0)
+        a = sample_actions(a_rng, s, std_t)
+        learned = np.asarray(energy_fn(a[:, None, :], s[:, None, :], t)).reshape(n_states, -1)
+        truth = np.asarray(true_energy(a, s, std_t)).reshape(n_states, -1)
+        rho = [stats.spearmanr(learned[i], truth[i]).statistic for i in range(n_states)]
+        report[f"t={t:g}"] = {"spearman_mean": float(np.mean(rho)),
+                              "spearman_min": float(np.min(rho))}
+    report["spearman_mean"] = float(np.mean([v["spearman_mean"] for v in report.values()]))
+    report.update(n_states=n_states, n_actions_per_state=n_actions)
+    return report
 
 
-def plot_landscape(energy_fn, path: str, thetas=(0.0, 0.6, 1.7), grid: int = 80) -> None:
-    """Learned vs true energy over the action plane for a few states."""
+def plot_landscape(energy_fn, schedule, path: str, t: float = 0.3, states=((0.0, 0.0), (0.8, -0.5), (-0.9, 0.9)),
+                   grid: int = 80) -> None:
+    """Learned vs true energy at time t over the action plane for a few states."""
+    std_t = float(np.sqrt(MODE_STD ** 2 + schedule.sigma(t) ** 2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = np.linspace(-1.6, 1.6, grid)
+    xs = np.linspace(-2.0, 2.0, grid)
     gx, gy = np.meshgrid(xs, xs)
     flat_a = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], -1), jnp.float32)
-    fig, axes = plt.subplots(2, len(thetas), figsize=(4 * len(thetas), 7.5))
-    for j, theta in enumerate(thetas):
-        s = jnp.tile(jnp.array([[np.cos(theta), np.sin(theta)]], jnp.float32), (flat_a.shape[0], 1))
-        learned = np.asarray(energy_fn(flat_a[:, None, :], s[:, None, :])).reshape(grid, grid)
-        truth = np.asarray(true_energy(flat_a, s)).reshape(grid, grid)
+    fig, axes = plt.subplots(2, len(states), figsize=(4 * len(states), 7.5))
+    for j, state in enumerate(states):
+        s = jnp.tile(jnp.array([state], jnp.float32), (flat_a.shape[0], 1))
+        learned = np.asarray(energy_fn(flat_a[:, None, :], s[:, None, :], t)).reshape(grid, grid)
+        truth = np.asarray(true_energy(flat_a, s, std_t)).reshape(grid, grid)
         for row, (values, title) in enumerate([(learned, "learned E"), (truth, "true -log p")]):
             ax = axes[row, j]
             # Ranks, not raw values: the two energies share order, not scale.
@@ -83,7 +100,7 @@ def plot_landscape(energy_fn, path: str, thetas=(0.0, 0.6, 1.7), grid: int = 80)
             ax.contourf(gx, gy, ranks, levels=20, cmap="viridis")
             centres = np.asarray(mode_centres(s[:1]))[0]
             ax.scatter(centres[:, 0], centres[:, 1], c="red", marker="x")
-            ax.set_title(f"{title}, theta={theta:.1f}")
+            ax.set_title(f"{title}, s={state}, t={t:g}")
             ax.set_aspect("equal")
     fig.suptitle("Toy task: energy rank landscapes (dark = low energy = likely)")
     fig.tight_layout()

@@ -111,11 +111,11 @@ def write_report(workdir: str, config, state: training.TrainState, info: dict,
     return report
 
 
-def make_energy_fn(model: EnergyFlowModel, params, gamma: float):
-    """(a, s) -> E(a, s, gamma), jitted, for evaluation and plots."""
+def make_energy_fn(model: EnergyFlowModel, params):
+    """(a, s, t) -> E(a, s, t) with a scalar t, jitted, for evaluation and plots."""
     @jax.jit
-    def energy(a, s):
-        return model.energy(params, a, s, jnp.full((a.shape[0],), gamma, jnp.float32))
+    def energy(a, s, t):
+        return model.energy(params, a, s, jnp.full((a.shape[0],), t, jnp.float32))
     return energy
 
 
@@ -126,12 +126,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = EnergyFlowModel.create(config.model, obs_shape=(1, 2), action_shape=(1, 2))
     state, info = fit(config, workdir, model, data)
     extra = {}
-    if model.kind == "conservative":
-        energy = make_energy_fn(model, state.ema_params, config.diffusion.gamma)
-        extra["toy_ranking"] = toy.ranking_report(energy, jax.random.PRNGKey(123))
-        if run_io.is_main_process():
-            toy.plot_landscape(energy, os.path.join(workdir, "toy_landscape.png"))
     schedule = diffusion.VESchedule.from_config(config.diffusion)
+    if model.kind == "conservative":
+        energy = make_energy_fn(model, state.ema_params)
+        times = (config.diffusion.gamma, 0.3, 0.6)
+        extra["toy_ranking"] = toy.ranking_report(energy, schedule, jax.random.PRNGKey(123), times)
+        if run_io.is_main_process():
+            toy.plot_landscape(energy, schedule, os.path.join(workdir, "toy_landscape.png"))
     obs = toy.make_dataset(jax.random.PRNGKey(7), 512)["obs"]
     samples = jax.jit(lambda p, o, r: diffusion.sample(
         model, p, o, r, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma))(
@@ -139,4 +140,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Negative log-likelihood of the samples under the true mixture, a
     # check that works for both model kinds (lower is better).
     extra["sample_true_energy_mean"] = float(toy.true_energy(samples[:, 0], obs[:, 0]).mean())
+    extra["data_true_energy_mean"] = float(toy.true_energy(
+        toy.sample_actions(jax.random.PRNGKey(9), obs[:, 0], toy.MODE_STD), obs[:, 0]).mean())
     return write_report(workdir, config, state, info, time.perf_counter() - t0, **extra)

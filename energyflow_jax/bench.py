@@ -1,0 +1,174 @@
+"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes float32,bfloat16]
+
+Times the published network and shapes (obs 2x39, chunk 16x4, batch 256):
+DSM train steps/s (AdamW, clipping, EMA included, as in the reference),
+PF-ODE sampling latency for 1 and 256 chunks (K = 20), and, when torch is
+importable, ../shared/bench/ref_torch.py in the same invocation, with ratios.
+On a GPU it also reports the fraction of the device's peak FLOP/s reached.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from energyflow_jax import diffusion, training
+from energyflow_jax.config import base_config
+from energyflow_jax.models import EnergyFlowModel
+
+OBS_SHAPE, ACTION_SHAPE, BATCH = (2, 39), (16, 4), 256
+# Dense peak FLOP/s by device kind (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    "H100": {"float32": 67e12, "bfloat16": 989e12},
+    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+}
+TARGETS = {"train_speedup": 1.5, "sample_b1_latency_ratio": 0.25, "sample_b256_speedup": 1.5}
+
+
+def _time(fn, n: int) -> float:
+    """Mean seconds per call after one warm-up call (which also compiles)."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def _flops(jitted, *args) -> float:
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def bench_ours(dtype: str, train_steps: int = 10, sample_reps: int = 10) -> dict:
+    config = base_config()
+    config.model.dtype = dtype
+    model = EnergyFlowModel.create(config.model, OBS_SHAPE, ACTION_SHAPE)
+    tx = training.make_optimizer(config.optim)
+    mesh = training.make_mesh()
+    rng = jax.random.PRNGKey(0)
+    data = {"obs": jax.random.normal(rng, (4096, *OBS_SHAPE)),
+            "actions": jax.random.normal(jax.random.PRNGKey(1), (4096, *ACTION_SHAPE))}
+    data = training.replicate(data, mesh)
+    state = training.replicate(
+        training.TrainState.create(model, tx, training.HParams.from_config(config), rng), mesh)
+    per_call = 5
+    chunk = training.make_train_chunk(model, tx, BATCH, per_call, mesh)
+    holder = {"state": state}
+
+    def train_call():
+        holder["state"], metrics = chunk(holder["state"], data)
+        return metrics
+
+    t_compile = time.perf_counter()
+    jax.block_until_ready(train_call())
+    compile_s = time.perf_counter() - t_compile
+    train_sps = per_call / _time(train_call, max(train_steps // per_call, 1))
+    step_flops = _flops(chunk, holder["state"], data) / per_call
+
+    params = holder["state"].ema_params
+    schedule = training.HParams.from_config(config).schedule
+    sampler = jax.jit(lambda p, o, r: diffusion.sample(model, p, o, r, schedule, 20, 1e-3))
+    obs1, obs256 = data["obs"][:1], data["obs"][:BATCH]
+    lat1 = _time(lambda: sampler(params, obs1, rng), sample_reps)
+    lat256 = _time(lambda: sampler(params, obs256, rng), 2)
+    return {
+        "impl": "energyflow-jax", "dtype": dtype, "backend": jax.default_backend(),
+        "devices": len(jax.devices()), "device_kind": jax.devices()[0].device_kind,
+        "train_steps_per_s_b256": round(train_sps, 3), "train_compile_s": round(compile_s, 1),
+        "train_gflop_per_step": round(step_flops / 1e9, 2),
+        "train_achieved_tflops": round(step_flops * train_sps / 1e12, 3),
+        "sample_ms_b1_k20": round(lat1 * 1e3, 2), "sample_ms_b256_k20": round(lat256 * 1e3, 1),
+    }
+
+
+def peak_fraction(result: dict) -> float | None:
+    for name, peaks in PEAK_FLOPS.items():
+        if name in result["device_kind"]:
+            return result["train_achieved_tflops"] * 1e12 / peaks[result["dtype"]]
+    return None
+
+
+def default_ref_path() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("ENERGYFLOW_REF_TORCH",
+                          os.path.join(repo, "..", "shared", "bench", "ref_torch.py"))
+
+
+def bench_ref(path: str, threads: int) -> dict | None:
+    """Run the PyTorch reference in a subprocess; None if torch or the file is missing."""
+    if not os.path.exists(path):
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    out = subprocess.run([sys.executable, path, str(threads)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(ours: dict, ref: dict) -> dict:
+    r = {
+        "train_speedup": ours["train_steps_per_s_b256"] / ref["train_steps_per_s_b256"],
+        "sample_b1_latency_ratio": ours["sample_ms_b1_k20"] / ref["sample_ms_b1_k20"],
+        "sample_b256_speedup": ref["sample_ms_b256_k20"] / ours["sample_ms_b256_k20"],
+    }
+    r = {k: round(v, 3) for k, v in r.items()}
+    r["meets_targets"] = (r["train_speedup"] >= TARGETS["train_speedup"]
+                          and r["sample_b1_latency_ratio"] <= TARGETS["sample_b1_latency_ratio"]
+                          and r["sample_b256_speedup"] >= TARGETS["sample_b256_speedup"])
+    return r
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--ref", default=default_ref_path(), help="path to ref_torch.py")
+    parser.add_argument("--no-ref", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+
+    results = {"ours": [bench_ours(d) for d in args.dtypes.split(",")], "targets": TARGETS}
+    ref = None if args.no_ref or jax.default_backend() != "cpu" else bench_ref(args.ref, args.threads)
+    results["ref_torch"] = ref
+    for r in results["ours"]:
+        if ref is not None:
+            r["vs_ref"] = ratios(r, ref)
+        frac = peak_fraction(r)
+        if frac is not None:
+            r["train_peak_flops_fraction"] = round(frac, 4)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_table(results)
+    return results
+
+
+def _print_table(results: dict) -> None:
+    rows = [("impl", "train steps/s", "1 chunk ms", "256 chunks ms")]
+    ref = results["ref_torch"]
+    if ref:
+        rows.append(("torch ref", ref["train_steps_per_s_b256"], ref["sample_ms_b1_k20"],
+                     ref["sample_ms_b256_k20"]))
+    for r in results["ours"]:
+        rows.append((f"jax {r['dtype']}", r["train_steps_per_s_b256"], r["sample_ms_b1_k20"],
+                     r["sample_ms_b256_k20"]))
+    for row in rows:
+        print(f"{row[0]:<16}{row[1]:>15}{row[2]:>12}{row[3]:>15}")
+    for r in results["ours"]:
+        if "vs_ref" in r:
+            print(f"{r['dtype']}: {r['vs_ref']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from energyflow_jax import networks
+from helpers import tiny_config, tiny_model
+from energyflow_jax.models import EnergyFlowModel
+
+
+def _inputs(model, batch=3, seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    a = jax.random.normal(k1, (batch, *model.action_shape))
+    s = jax.random.normal(k2, (batch, *model.obs_shape))
+    return a, s, jnp.full((batch,), 0.3)
+
+
+def _score_jacobian(model, params, a, s, t):
+    """d score / d a for the first sample, as a (L*A, L*A) matrix."""
+    def f(flat):
+        return model.score(params, flat.reshape(1, *model.action_shape), s[:1], t[:1]).ravel()
+    return jax.jacfwd(f)(a[:1].ravel())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "unet"])
+def test_conservative_score_has_symmetric_jacobian_and_free_does_not(arch):
+    for kind in ("conservative", "free"):
+        model = tiny_model(kind, arch)
+        params = model.init(jax.random.PRNGKey(1))
+        a, s, t = _inputs(model)
+        jac = _score_jacobian(model, params, a, s, t)
+        asym = float(jnp.max(jnp.abs(jac - jac.T)))
+        scale = float(jnp.max(jnp.abs(jac)))
+        assert scale > 1e-6, "degenerate Jacobian makes the test meaningless"
+        if kind == "conservative":
+            assert asym <= 1e-4 * scale, (arch, asym, scale)
+        else:
+            assert asym > 1e-2 * scale, (arch, asym, scale)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "unet"])
+def test_shapes_and_score_is_negative_energy_gradient(arch):
+    model = tiny_model("conservative", arch)
+    params = model.init(jax.random.PRNGKey(0))
+    a, s, t = _inputs(model, batch=5)
+    energy = model.energy(params, a, s, t)
+    score = model.score(params, a, s, t)
+    chex.assert_shape(energy, (5,))
+    chex.assert_shape(score, (5, *model.action_shape))
+    # Finite differences on one coordinate of one sample.
+    eps = 1e-3
+    bump = jnp.zeros_like(a).at[2, 1, 0].set(eps)
+    fd = (model.energy(params, a + bump, s, t)[2] - model.energy(params, a - bump, s, t)[2]) / (2 * eps)
+    np.testing.assert_allclose(-score[2, 1, 0], fd, rtol=2e-2, atol=1e-4)
+    # Samples are independent: changing sample 0 leaves sample 1's energy alone.
+    e2 = model.energy(params, a.at[0].add(1.0), s, t)
+    np.testing.assert_allclose(e2[1:], energy[1:], rtol=1e-6)
+
+
+def test_unet_handles_odd_horizons_and_bfloat16():
+    c = tiny_config("conservative", "unet")
+    c.model.dtype = "bfloat16"
+    model = EnergyFlowModel.create(c.model, (2, 3), (5, 2))
+    params = model.init(jax.random.PRNGKey(0))
+    a, s, t = _inputs(model)
+    score = model.score(params, a, s, t)
+    chex.assert_shape(score, (3, 5, 2))
+    chex.assert_tree_all_finite(score)
+    chex.assert_type(jax.tree.leaves(params), jnp.float32)  # params stay float32
+
+
+def test_spectral_dense_has_unit_spectral_norm():
+    layer = networks.SpectralDense(24)
+    x = jnp.ones((2, 40))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    kernel = params["params"]["kernel"] * 5.0  # any scale: normalization removes it
+    params = {"params": {**params["params"], "kernel": kernel}}
+    # Recover the effective matrix from the layer's action on basis vectors.
+    eye = jnp.eye(40)
+    w_eff = layer.apply(params, eye) - layer.apply(params, jnp.zeros((1, 40)))
+    top = float(jnp.linalg.svd(w_eff, compute_uv=False)[0])
+    assert abs(top - 1.0) < 1e-3, top
+
+
+def test_published_network_size():
+    from energyflow_jax.config import base_config
+    model = EnergyFlowModel.create(base_config().model, (2, 39), (16, 4))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert n == 4_812_032  # the reference implementation's count, NOTES.md: about 4.81 M
+
+
+def test_bad_inputs_and_configs_give_clear_errors():
+    model = tiny_model()
+    params = model.init(jax.random.PRNGKey(0))
+    a, s, t = _inputs(model)
+    with pytest.raises(ValueError, match=r"action chunk shape \(5, 2\).*\(4, 2\)"):
+        model.energy(params, jnp.zeros((3, 5, 2)), s, t)
+    with pytest.raises(ValueError, match="observation shape"):
+        model.score(params, a, jnp.zeros((3, 2, 4)), t)
+    free = tiny_model("free")
+    with pytest.raises(ValueError, match="no energy"):
+        free.energy(free.init(jax.random.PRNGKey(0)), a, s, t)
+    c = tiny_config()
+    c.model.kind = "curly"
+    with pytest.raises(ValueError, match="model.kind"):
+        EnergyFlowModel.create(c.model, (2, 3), (4, 2))
+    c = tiny_config(arch="unet")
+    c.model.down_dims = (6, 16)
+    with pytest.raises(ValueError, match="divisible by model.n_groups"):
+        EnergyFlowModel.create(c.model, (2, 3), (4, 2))
+    c = tiny_config()
+    c.lock()
+    with pytest.raises(AttributeError, match="lerning_rate"):
+        c.optim.lerning_rate = 1.0
