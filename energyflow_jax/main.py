@@ -14,6 +14,7 @@ from ml_collections import config_flags
 # experiment name -> "module:function" taking (config, workdir) and returning the report.
 EXPERIMENTS = {
     "toy": "energyflow_jax.train:train_and_evaluate",
+    "metaworld": "energyflow_jax.metaworld_experiment:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (sweeps/*.py[:preset]).",

@@ -1,0 +1,344 @@
+"""Meta-World v3 imitation: scripted-expert demos -> train -> evaluate -> report.
+
+  python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw
+  python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw_free \
+      --config.model.kind=free        # the vector-field baseline, same everything else
+
+One run per (task, training seed). With one task and one seed the run lives in
+--workdir itself; with `config.tasks` and/or `config.seeds` each run gets
+workdir/<task>/seed<k>/ and workdir/report.json aggregates them beside the
+published numbers. Re-running a command resumes training from the checkpoints
+and reuses the cached demos.
+
+Files of one run: normalizers.npz (the standardization the model was trained
+with; the policy needs it), checkpoints/, metrics.jsonl, eval_episodes.json
+(every rollout), rollouts/*.png, report.json, summary.md, summary.png.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from energyflow_jax import diffusion, run_io
+from energyflow_jax.data import metaworld_demos as demos
+from energyflow_jax.data.dataset import Normalizer, make_dataset
+from energyflow_jax.evaluation import metaworld_eval
+from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.train import fit, write_report
+
+# Success %, mean over 3 seeds, from the paper (Meta-World v2; we run v3). NOTES.md.
+PUBLISHED_SUCCESS = {
+    "EnergyFlow": {"button-press": 100.0, "drawer-open": 94.2, "assembly": 82.6,
+                   "bin-picking": 90.9, "hammer": 94.6},
+    "Diffusion Policy": {"button-press": 100.0, "drawer-open": 93.6, "assembly": 76.4,
+                         "bin-picking": 89.6, "hammer": 94.0},
+}
+
+NORMALIZERS_FILE = "normalizers.npz"
+
+
+# --------------------------------------------------------------------------- normalizers
+
+
+def save_normalizers(path: str, obs_normalizer: Normalizer, action_normalizer: Normalizer) -> None:
+    """Write both normalizers to one .npz atomically (temp file + rename)."""
+    arrays = {"obs_mean": obs_normalizer.mean, "obs_std": obs_normalizer.std,
+              "action_mean": action_normalizer.mean, "action_std": action_normalizer.std}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:
+    """(obs_normalizer, action_normalizer) saved by :func:`save_normalizers`."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"obs_mean", "obs_std", "action_mean", "action_std"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path} is not a normalizer file: missing {sorted(missing)}")
+        obs = Normalizer(mean=jnp.asarray(npz["obs_mean"]), std=jnp.asarray(npz["obs_std"]))
+        action = Normalizer(mean=jnp.asarray(npz["action_mean"]), std=jnp.asarray(npz["action_std"]))
+    return obs, action
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def make_policy(model: EnergyFlowModel, schedule: diffusion.VESchedule, n_steps: int, gamma: float):
+    """jit((params, obs_normalizer, action_normalizer, obs, rng) -> chunk).
+
+    obs: (B, obs_horizon, 39) raw observations; chunk: (B, pred_horizon, 4) in the
+    env's action space. Pure: everything it depends on is an argument or static.
+    """
+    @jax.jit
+    def policy(params, obs_normalizer: Normalizer, action_normalizer: Normalizer,
+               obs: jax.Array, rng: jax.Array) -> jax.Array:
+        s = obs_normalizer.normalize(obs.astype(jnp.float32))
+        a = diffusion.sample(model, params, s, rng, schedule, n_steps, gamma)
+        # The env clips anyway; clipping here makes the chunk a valid action as returned.
+        return jnp.clip(action_normalizer.unnormalize(a), -1.0, 1.0)
+
+    return policy
+
+
+def make_policy_fn(policy, params, obs_normalizer, action_normalizer, rng: jax.Array):
+    """The evaluator's numpy -> numpy callable; call i samples with fold_in(rng, i)."""
+    calls = 0
+
+    def policy_fn(obs_history: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        key = jax.random.fold_in(rng, calls)
+        calls += 1
+        return np.asarray(policy(params, obs_normalizer, action_normalizer,
+                                 jnp.asarray(obs_history), key))
+
+    return policy_fn
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _tasks(config) -> list[str]:
+    tasks = list(config.tasks) if config.tasks else [config.task]
+    for task in tasks:  # before any work: a typo should fail in seconds, not after training
+        demos.validate_task_name(task)
+    return tasks
+
+
+def _seeds(config) -> list[int]:
+    return [int(s) for s in config.seeds] if config.seeds else [int(config.seed)]
+
+
+def demo_cache_path(config, workdir: str, task: str) -> str:
+    cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
+    return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
+                                   f"_T{config.data.max_steps}.npz")
+
+
+def pooled_success(results: list[dict]) -> dict[str, Any]:
+    """Success pooled over several evaluate() results (e.g. eval seeds), Wilson CI."""
+    n = sum(r["n_episodes"] for r in results)
+    k = sum(r["n_successes"] for r in results)
+    return {"success_rate": k / n, "ci95": list(metaworld_eval.wilson_interval(k, n)),
+            "n_episodes": n, "n_successes": k}
+
+
+def _short(task: str) -> str:
+    return task[:-3] if task.endswith("-v3") else task
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> dict:
+    """Demos -> windows + normalizers -> fit -> evaluate EMA params -> report files."""
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    timing = {}
+    progress = bool(config.log.progress) and run_io.is_main_process()
+
+    t0 = time.perf_counter()
+    cache_path = demo_cache_path(config, workdir, task)
+    episodes = demos.load_or_collect(cache_path, task, config.data.n_demos, config.data.demo_seed,
+                                     max_steps=config.data.max_steps, progress=progress)
+    _, provenance = demos.read_demo_cache(cache_path)
+    timing["collect_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dataset = make_dataset(episodes, config.data.obs_horizon, config.data.pred_horizon)
+    if run_io.is_main_process():
+        save_normalizers(os.path.join(workdir, NORMALIZERS_FILE), dataset.obs_normalizer,
+                         dataset.action_normalizer)
+    model = EnergyFlowModel.create(
+        config.model, obs_shape=(config.data.obs_horizon, demos.OBS_DIM),
+        action_shape=(config.data.pred_horizon, demos.ACTION_DIM))
+    state, info = fit(config, workdir, model, dataset.arrays())
+    timing["train_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    schedule = diffusion.VESchedule.from_config(config.diffusion)
+    policy = make_policy(model, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma)
+    # Gathered onto the default device: training may have replicated them over a mesh.
+    params = jax.device_put(jax.device_get(state.ema_params))
+    # Compile once up front, at the evaluator's batch shape, so latency excludes it.
+    num_envs = min(config.eval.num_envs or config.eval.n_episodes, config.eval.n_episodes)
+    t_compile = time.perf_counter()
+    jax.block_until_ready(policy(params, dataset.obs_normalizer, dataset.action_normalizer,
+                                 jnp.zeros((num_envs, config.data.obs_horizon, demos.OBS_DIM)),
+                                 jax.random.PRNGKey(0)))
+    timing["policy_compile_s"] = time.perf_counter() - t_compile
+    demo_rand_vecs = np.stack([ep["rand_vec"] for ep in episodes])
+    eval_kwargs = dict(obs_horizon=config.data.obs_horizon, exec_horizon=config.data.exec_horizon,
+                       max_steps=config.eval.max_steps, num_envs=config.eval.num_envs or None,
+                       exclude_rand_vecs=demo_rand_vecs, progress=progress)
+    levels = ["0"] + [lv for lv in config.eval.ood_levels if lv != "0"]
+    results: dict[str, list[dict]] = {lv: [] for lv in levels}
+    for eval_seed in config.eval.seeds:
+        for level in levels:
+            plot = level == "0" and eval_seed == config.eval.seeds[0]
+            rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000 + int(eval_seed))
+            policy_fn = make_policy_fn(policy, params, dataset.obs_normalizer,
+                                       dataset.action_normalizer, rng)
+            results[level].append(metaworld_eval.evaluate(
+                policy_fn, task, config.eval.n_episodes, int(eval_seed), perturbation=level,
+                n_plot=config.eval.n_plot if plot else 0,
+                out_dir=os.path.join(workdir, "rollouts"), **eval_kwargs))
+    timing["eval_s"] = time.perf_counter() - t0
+
+    main = pooled_success(results["0"])
+    episodes_path = os.path.join(workdir, "eval_episodes.json")
+    if run_io.is_main_process():
+        run_io.write_json(episodes_path, {lv: rs for lv, rs in results.items()})
+    extra = {
+        "task": task,
+        "model_kind": config.model.kind,
+        **main,
+        "per_eval_seed": [{"seed": r["seed"], "success_rate": r["success_rate"], "ci95": list(r["ci95"]),
+                           "n_episodes": r["n_episodes"]} for r in results["0"]],
+        "episodes": [{"seed": r["seed"], "episode": ep["episode"], "success": ep["success"],
+                      "steps": ep["steps"]} for r in results["0"] for ep in r["episodes"]],
+        "episodes_path": episodes_path,
+        "ood": ({lv: pooled_success(rs) for lv, rs in results.items()}
+                if config.eval.ood_levels else {}),
+        "policy_latency_ms": 1e3 * sum(r["policy_time_s"] for rs in results.values() for r in rs)
+        / max(1, sum(r["n_policy_calls"] for rs in results.values() for r in rs)),
+        "demos": {"cache_path": cache_path, "provenance": provenance,
+                  "n_windows": int(dataset.num_windows)},
+        "rollout_plots": [p for r in results["0"] for p in r["plots"]],
+        "timing": timing,
+    }
+    report = write_report(workdir, config, state, info, time.perf_counter() - t_start, **extra)
+    if run_io.is_main_process():
+        run_io.atomic_write_text(os.path.join(workdir, "summary.md"), run_summary_markdown(report))
+        plot_summary(os.path.join(workdir, "summary.png"), report, run_io.read_metrics(workdir))
+    return report
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _pct(rate: float) -> str:
+    return f"{100 * rate:.1f}"
+
+
+def run_summary_markdown(report: dict) -> str:
+    lines = [f"# {report['task']} ({report['model_kind']})", "",
+             "| perturbation | success % | 95% CI (Wilson) | episodes |", "|---|---|---|---|"]
+    table = report["ood"] or {"0": report}
+    for level, r in table.items():
+        lines.append(f"| {level} | {_pct(r['success_rate'])} | "
+                     f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] | {r['n_episodes']} |")
+    t = report["timing"]
+    final = report.get("final_metrics") or {}
+    lines += ["", f"- train steps: {report['steps']}, parameters: {report['n_params']}, "
+                  f"final loss: {final.get('loss', float('nan')):.4f}",
+              f"- wall time: {report['wall_time_s']:.0f} s (collect {t['collect_s']:.0f} s, "
+              f"train {t['train_s']:.0f} s, eval {t['eval_s']:.0f} s)",
+              f"- policy latency: {report['policy_latency_ms']:.1f} ms per batched call",
+              f"- demos: {report['demos']['provenance'].get('n_episodes')} "
+              f"(expert success {report['demos']['provenance'].get('expert_success_rate')})", ""]
+    return "\n".join(lines)
+
+
+def plot_summary(path: str, report: dict, metrics: list[dict]) -> None:
+    """Success (with Wilson CI) per perturbation level beside the training loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = report["ood"] or {"0": report}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    levels = list(table)
+    rates = np.array([table[lv]["success_rate"] for lv in levels])
+    lows = np.array([table[lv]["ci95"][0] for lv in levels])
+    highs = np.array([table[lv]["ci95"][1] for lv in levels])
+    left.bar(levels, 100 * rates, yerr=100 * np.stack([rates - lows, highs - rates]), capsize=4,
+             color="tab:blue")
+    left.set(ylim=(0, 105), xlabel="perturbation level", ylabel="success %",
+             title=f"{report['task']} ({report['n_episodes']} episodes at level 0)")
+    if metrics:
+        right.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], color="tab:orange")
+        right.set_yscale("log")
+    right.set(xlabel="step", ylabel="DSM loss", title="training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def aggregate_markdown(rows: list[dict], kind: str) -> str:
+    """Mean success over training seeds per task, beside the published (v2) numbers."""
+    lines = [f"# Meta-World v3, model.kind={kind} (published numbers: Meta-World v2)", "",
+             "| task | ours % (mean over seeds) | seeds | per seed % | EnergyFlow (paper) | "
+             "Diffusion Policy (paper) |", "|---|---|---|---|---|---|"]
+    ours_all, paper_all = [], []
+    for row in rows:
+        short = _short(row["task"])
+        paper = {name: table.get(short) for name, table in PUBLISHED_SUCCESS.items()}
+        ours_all.append(row["mean_success_rate"])
+        if paper["EnergyFlow"] is not None:
+            paper_all.append(paper)
+        per_seed = ", ".join(_pct(r) for r in row["per_seed_success_rate"])
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {short} | {_pct(row['mean_success_rate'])} | {len(row['per_seed_success_rate'])}"
+                     f" | {per_seed} | {fmt(paper['EnergyFlow'])} | {fmt(paper['Diffusion Policy'])} |")
+    if len(rows) > 1:
+        avg = lambda name: (f"{np.mean([p[name] for p in paper_all]):.1f}"  # noqa: E731
+                            if len(paper_all) == len(rows) else "-")
+        lines.append(f"| avg | {_pct(float(np.mean(ours_all)))} | | | {avg('EnergyFlow')} | "
+                     f"{avg('Diffusion Policy')} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The CLI entry: every (task, training seed) run, then the aggregate table."""
+    tasks = _tasks(config)
+    seeds = _seeds(config)
+    if len(tasks) == 1 and len(seeds) == 1:
+        with config.unlocked():
+            config.seed = seeds[0]
+        report = run_single(config, workdir, tasks[0])
+        print(open(os.path.join(workdir, "summary.md")).read())
+        return report
+
+    t0 = time.perf_counter()
+    rows = []
+    for task in tasks:
+        reports = []
+        for seed in seeds:
+            run_config = ml_collections.ConfigDict(config.to_dict())  # per-run copy
+            run_config.seed = seed
+            run_config.lock()
+            run_dir = os.path.join(workdir, task, f"seed{seed}")
+            reports.append(run_single(run_config, run_dir, task))
+        rates = [r["success_rate"] for r in reports]
+        rows.append({"task": task, "mean_success_rate": float(np.mean(rates)),
+                     "per_seed_success_rate": rates,
+                     "reports": [os.path.join(task, f"seed{s}", "report.json") for s in seeds]})
+    markdown = aggregate_markdown(rows, config.model.kind)
+    aggregate = {"config": config.to_dict(), "tasks": rows,
+                 "mean_success_rate": float(np.mean([r["mean_success_rate"] for r in rows])),
+                 "published_success_v2": PUBLISHED_SUCCESS,
+                 "wall_time_s": time.perf_counter() - t0}
+    if run_io.is_main_process():
+        run_io.write_json(os.path.join(workdir, "report.json"), aggregate)
+        run_io.atomic_write_text(os.path.join(workdir, "summary.md"), markdown)
+    print(markdown)
+    return aggregate
