@@ -325,6 +325,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for seed in seeds:
             run_config = ml_collections.ConfigDict(config.to_dict())  # per-run copy
             run_config.seed = seed
+            # One demo cache per task, shared by its training seeds.
+            run_config.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
             run_config.lock()
             run_dir = os.path.join(workdir, task, f"seed{seed}")
             reports.append(run_single(run_config, run_dir, task))

@@ -63,7 +63,7 @@ def _tiny(c):
     c.optim.warmup_steps = 5
     c.train.batch_size = 32
     c.train.steps_per_chunk = 10
-    c.train.checkpoint_every_chunks = 1
+    c.train.checkpoint_every_chunks = 2
     c.eval.n_episodes = 2
     c.eval.max_steps = 24
     c.eval.n_plot = 1
