@@ -290,6 +290,9 @@ def _plot_gap(path, rows, slopes):
                 ax.errorbar(d, [r[f"{metric}_mean"] for r in group], yerr=[r[f"{metric}_std"] for r in group],
                             color=colors[name], ls=ls, marker="o", capsize=2,
                             label=f"{name} {metric}: slope {fit['slope']:.2f}")
+                if np.isfinite(fit["slope"]):
+                    ax.plot(d, np.exp(fit["intercept"]) * d ** fit["slope"], color=colors[name], ls=ls, lw=0.8,
+                            alpha=0.5)
     axes[0].set_title("generalisation gap (test - train, noisy labels)")
     axes[1].set_title("error vs the true field: in distribution / shifted")
     for ax in axes:
