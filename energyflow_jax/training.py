@@ -101,7 +101,7 @@ def train_step(model: EnergyFlowModel, tx: optax.GradientTransformation,
     decay = ema_decay_at(state.step, state.hparams.ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                               state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "skipped": opt_state.total_notfinite}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=opt_state, rng=rng)
