@@ -14,6 +14,7 @@ from ml_collections import config_flags
 # experiment name -> "module:function" taking (config, workdir) and returning the report.
 EXPERIMENTS = {
     "toy": "energyflow_jax.train:train_and_evaluate",
+    "sweep": "energyflow_jax.sweep:run",
     "metaworld": "energyflow_jax.metaworld_experiment:run",
 }
 
