@@ -123,6 +123,14 @@ def _seeds(config) -> list[int]:
     return [int(s) for s in config.seeds] if config.seeds else [int(config.seed)]
 
 
+def _eval_levels(config) -> list[str]:
+    """Level "0" first, then the requested OOD levels; checked before any work."""
+    if not config.eval.seeds:
+        raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+    requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
+    return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
+
+
 def demo_cache_path(config, workdir: str, task: str) -> str:
     cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
     return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
@@ -185,7 +193,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     eval_kwargs = dict(obs_horizon=config.data.obs_horizon, exec_horizon=config.data.exec_horizon,
                        max_steps=config.eval.max_steps, num_envs=config.eval.num_envs or None,
                        exclude_rand_vecs=demo_rand_vecs, progress=progress)
-    levels = ["0"] + [lv for lv in config.eval.ood_levels if lv != "0"]
+    levels = _eval_levels(config)
     results: dict[str, list[dict]] = {lv: [] for lv in levels}
     for eval_seed in config.eval.seeds:
         for level in levels:
@@ -311,11 +319,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
     tasks = _tasks(config)
     seeds = _seeds(config)
+    _eval_levels(config)
     if len(tasks) == 1 and len(seeds) == 1:
         with config.unlocked():
             config.seed = seeds[0]
         report = run_single(config, workdir, tasks[0])
-        print(open(os.path.join(workdir, "summary.md")).read())
+        print(run_summary_markdown(report))
         return report
 
     t0 = time.perf_counter()

@@ -83,6 +83,13 @@ def test_unknown_task_fails_first_and_lists_valid_names(tmp_path):
     with pytest.raises(ValueError, match="did you mean 'hammer-v3'"):
         mwx.run(config, str(tmp_path))
 
+    config = mw_sweep.get_config("tiny")
+    with config.unlocked():
+        config.eval.ood_levels = ("S", "XL")
+    with pytest.raises(ValueError, match="Unknown perturbation level 'XL'"):
+        mwx.run(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
 
 def test_normalizers_round_trip_through_the_saved_file(tmp_path):
     rng = np.random.default_rng(0)
