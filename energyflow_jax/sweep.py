@@ -289,6 +289,9 @@ def make_group_chunk(program: MemberProgram, n_steps: int, mesh: Mesh) -> Callab
 # Tasks: data and per-member evaluation
 
 
+_toy_dataset = jax.jit(toy.make_dataset, static_argnums=1)  # one compile, not one per op
+
+
 class ToyTask:
     """The toy task (energyflow_jax.toy): known energy, 2-D states and actions."""
 
@@ -300,12 +303,13 @@ class ToyTask:
     def data(config) -> tuple[dict, dict]:
         # One dataset for the whole sweep (from the base seed), so members differ
         # only in what they set and in their training seed.
-        make = jax.jit(toy.make_dataset, static_argnums=1)  # one compile, not one per op
+        make = _toy_dataset
         train = make(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)
         heldout = make(jax.random.PRNGKey(20_000 + config.seed), config.sweep.heldout_samples)
         return train, heldout
 
     @staticmethod
+    @functools.lru_cache(maxsize=16)  # per model: groups differing only in training share it
     def make_evaluate(model: EnergyFlowModel) -> Callable:
         """evaluate(group, state, heldout) -> per-member metrics: held-out DSM
         loss (each member's own noise schedule, 4 fixed noise draws) and, for
@@ -413,31 +417,25 @@ def _programs(config, group: Group) -> _GroupPrograms:
     return _PROGRAMS[key]
 
 
-def run_group(config, workdir: str, group: Group,
-              on_chunk: Callable[[str, int], None] | None = None) -> dict:
-    """Train (or resume) and evaluate one group; returns its result record.
+def train_group(config, workdir: str, group: Group,
+                on_chunk: Callable[[str, int], None] | None = None):
+    """Train (or resume) one group to total_steps: (stacked state, resumed-from step).
 
-    A group whose result.json exists is not touched. Otherwise training resumes
-    from the group's latest checkpoint. `on_chunk(gid, step)` runs after each
-    chunk (and its checkpoint, if any): progress reporting, or a test's interrupt.
+    Resumes from the group's latest checkpoint; `on_chunk(gid, step)` runs
+    after each chunk (and its checkpoint, if any): progress, or a test's interrupt.
     """
     gdir = _group_dir(workdir, group.gid)
-    result_path = os.path.join(gdir, "result.json")
-    if os.path.exists(result_path):
-        return _read_json(result_path)
-    t0 = time.perf_counter()
     gcfg = group.config
     fns = _programs(config, group)
-    train_data, heldout = TASKS[config.sweep.task].data(config)
+    train_data, _ = TASKS[config.sweep.task].data(config)
     train_data = jax.device_put(train_data, fns.replicated)
 
     rngs = jnp.stack([jax.random.PRNGKey(m.seed) for m in group.members])
     hparams = stack([training.HParams.from_config(m.config) for m in group.members])
     manager = run_io.checkpoint_manager(gdir, gcfg.train.max_checkpoints)
     if manager.latest_step() is None:
-        state = jax.device_put(stack([fns.init(r, h) for r, h in
-                                      zip(rngs, (unstack(hparams, i) for i in range(len(rngs))))]),
-                               fns.by_member)
+        state = jax.device_put(stack([fns.init(rngs[i], unstack(hparams, i))
+                                      for i in range(len(group.members))]), fns.by_member)
         start = 0
     else:  # restore needs only shapes and shardings: skip the real init
         state, start = run_io.restore_latest(manager, fns.abstract_state(rngs, hparams))
@@ -467,7 +465,21 @@ def run_group(config, workdir: str, group: Group,
         if on_chunk is not None:
             on_chunk(group.gid, step)
     manager.wait_until_finished()
+    manager.close()
+    return state, start
 
+
+def run_group(config, workdir: str, group: Group,
+              on_chunk: Callable[[str, int], None] | None = None) -> dict:
+    """Train (or resume) and evaluate one group; returns its result record.
+    A group whose result.json exists is not touched."""
+    result_path = os.path.join(_group_dir(workdir, group.gid), "result.json")
+    if os.path.exists(result_path):
+        return _read_json(result_path)
+    t0 = time.perf_counter()
+    state, start = train_group(config, workdir, group, on_chunk)
+    fns = _programs(config, group)
+    _, heldout = TASKS[config.sweep.task].data(config)
     evaluations = fns.evaluate(group, state, heldout)
     members = []
     for i, (m, ev) in enumerate(zip(group.members, evaluations)):
