@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "toy": "energyflow_jax.train:train_and_evaluate",
     "sweep": "energyflow_jax.sweep:run",
     "metaworld": "energyflow_jax.metaworld_experiment:run",
+    "capacity": "energyflow_jax.capacity.experiment:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (sweeps/*.py[:preset]).",
