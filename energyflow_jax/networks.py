@@ -88,27 +88,24 @@ class Conv1D(nn.Module):
         return y + self.param("bias", init, (self.features,))
 
 
-def _power_iteration_sigma(w: jax.Array, n_iter: int) -> jax.Array:
-    """Largest singular value of w by power iteration from a fixed start.
+def _power_iteration(w: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
+    """Top singular vectors (u, v) of w by power iteration from a fixed start.
 
     The vectors are re-derived from the weights on every call instead of being
     carried as state, so any set of weights (the live ones, the EMA ones, a
-    restored checkpoint) is normalized consistently. The singular vectors are
-    treated as constants under differentiation, as in PyTorch's spectral_norm.
+    restored checkpoint) is normalized consistently. They are constants under
+    differentiation, as in PyTorch's spectral_norm. The loop is unrolled so
+    XLA can hoist it out of a sampler loop: it depends on the weights only.
     """
     w = jax.lax.stop_gradient(w.astype(jnp.float32))
     v = jnp.ones((w.shape[1],), jnp.float32) / math.sqrt(w.shape[1])
-
-    def body(_, v):
+    for _ in range(n_iter):
         u = w @ v
         u = u / (jnp.linalg.norm(u) + 1e-12)
         v = w.T @ u
-        return v / (jnp.linalg.norm(v) + 1e-12)
-
-    v = jax.lax.fori_loop(0, n_iter, body, v)
+        v = v / (jnp.linalg.norm(v) + 1e-12)
     u = w @ v
-    u = u / (jnp.linalg.norm(u) + 1e-12)
-    return u, v
+    return u / (jnp.linalg.norm(u) + 1e-12), v
 
 
 class SpectralDense(nn.Module):
@@ -122,7 +119,7 @@ class SpectralDense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = torch_uniform_init(x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        u, v = _power_iteration_sigma(kernel, self.n_power_iter)
+        u, v = _power_iteration(kernel, self.n_power_iter)
         sigma = u @ kernel @ v
         y = x.astype(jnp.float32) @ (kernel / sigma)
         if self.use_bias:

@@ -42,6 +42,8 @@ def get_config(preset=None):
     c.data.pred_horizon = 1
     c.data.exec_horizon = 1
     c.diffusion.sigma_max = 5.0
+    # The modes have std 0.2: below sigma ~ 0.05 DSM carries almost no signal.
+    c.diffusion.sigma_min = 0.05
     c.optim.learning_rate = 3e-3
     c.optim.total_steps = 3000
     c.optim.warmup_steps = 100
