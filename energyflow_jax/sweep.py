@@ -728,8 +728,8 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
 # Benchmark
 
 
-def bench_sweep(n_members: int = 8, steps: int = 50, batch_size: int = 256,
-                mlp_dims=(256, 256, 256)) -> dict:
+def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
+                mlp_dims=(256, 256, 256), repeats: int = 3) -> dict:
     """Aggregate DSM steps/s: n_members trained in one vmapped program vs the
     same members one after another with the single-run program
     (`training.make_train_chunk`), in this process.
@@ -754,8 +754,10 @@ def bench_sweep(n_members: int = 8, steps: int = 50, batch_size: int = 256,
     data = {"obs": jax.random.normal(jax.random.PRNGKey(0), (4096, *obs_shape)),
             "actions": jax.random.normal(jax.random.PRNGKey(1), (4096, *action_shape))}
     lrs = np.geomspace(1e-4, 1e-3, n_members)
-    hparams = [training.HParams.from_config(config).replace(learning_rate=jnp.float32(lr))
-               for lr in lrs]
+
+    def hparams(i):  # fresh arrays per use: the single-run chunk donates its state
+        return training.HParams.from_config(config).replace(learning_rate=jnp.float32(lrs[i]))
+
     rngs = [jax.random.PRNGKey(i) for i in range(n_members)]
     program = member_program(config, model)
 
@@ -767,22 +769,18 @@ def bench_sweep(n_members: int = 8, steps: int = 50, batch_size: int = 256,
     # Vmapped: one program for all members.
     mesh = member_mesh(n_members, 1)  # one device: compare like with like
     vm_chunk = make_group_chunk(program, steps, mesh)
-    vm = {"state": jax.jit(jax.vmap(program.init))(jnp.stack(rngs), stack(hparams))}
+    vm = {"state": jax.jit(jax.vmap(program.init))(
+        jnp.stack(rngs), stack([hparams(i) for i in range(n_members)]))}
 
     def vm_call():
         vm["state"], m = vm_chunk(vm["state"], data)
         return m
 
-    vm_compile = timed(vm_call)
-    vm_s = timed(vm_call)
-
     # One after another: the single-run program, compiled once, called per member.
-    single_mesh = training.make_mesh(1)
     tx = training.make_optimizer(config.optim)
-    chunk = training.make_train_chunk(model, tx, batch_size, steps, single_mesh)
-    states = [training.TrainState.create(model, tx, h, r) for h, r in zip(hparams, rngs)]
-    seq_compile = timed(lambda: chunk(states[0], data)[1])
-    states[0] = training.TrainState.create(model, tx, hparams[0], rngs[0])  # donated above
+    chunk = training.make_train_chunk(model, tx, batch_size, steps, training.make_mesh(1))
+    states = [training.TrainState.create(model, tx, hparams(i), rngs[i])
+              for i in range(n_members)]
 
     def seq_call():
         out = None
@@ -791,7 +789,13 @@ def bench_sweep(n_members: int = 8, steps: int = 50, batch_size: int = 256,
             jax.block_until_ready(out)
         return out
 
-    seq_s = timed(seq_call)
+    vm_first, seq_first = timed(vm_call), timed(seq_call)  # compiles
+    # Interleaved repeats, median: other load on the machine hits both alike.
+    vm_times, seq_times = [], []
+    for _ in range(repeats):
+        vm_times.append(timed(vm_call))
+        seq_times.append(timed(seq_call))
+    vm_s, seq_s = float(np.median(vm_times)), float(np.median(seq_times))
     total = n_members * steps
     n_params = sum(x.size for x in jax.tree.leaves(states[0].params))
     return {"model": f"mlp{tuple(mlp_dims)} energy, obs 2x39, chunk 16x4", "n_params": int(n_params),
@@ -800,5 +804,6 @@ def bench_sweep(n_members: int = 8, steps: int = 50, batch_size: int = 256,
             "vmapped_steps_per_s": round(total / vm_s, 2),
             "sequential_steps_per_s": round(total / seq_s, 2),
             "speedup": round(seq_s / vm_s, 3),
-            "vmapped_compile_s": round(vm_compile - vm_s, 1),
-            "sequential_compile_s": round(seq_compile - seq_s / n_members, 1)}
+            "vmapped_compile_s": round(vm_first - vm_s, 1),
+            "sequential_compile_s": round(seq_first - seq_s, 1),
+            "repeats": repeats}
