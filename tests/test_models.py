@@ -114,3 +114,16 @@ def test_bad_inputs_and_configs_give_clear_errors():
     c.lock()
     with pytest.raises(AttributeError, match="lerning_rate"):
         c.optim.lerning_rate = 1.0
+
+
+def test_conv1d_paths_match_a_direct_convolution():
+    """Both lowerings (windows + dot; block-Toeplitz dot) equal lax's convolution."""
+    for length, stride in [(4, 1), (5, 1), (16, 1), (16, 2), (3, 2)]:
+        conv = networks.Conv1D(6, kernel_size=5, stride=stride)
+        x = jax.random.normal(jax.random.PRNGKey(length), (2, length, 3))
+        params = conv.init(jax.random.PRNGKey(1), x)
+        kernel = params["params"]["kernel"].reshape(5, 3, 6)  # (k, C, N) = WIO
+        expected = jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(stride,), padding=[(2, 2)],
+            dimension_numbers=("NWC", "WIO", "NWC")) + params["params"]["bias"]
+        np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5, atol=1e-5)
