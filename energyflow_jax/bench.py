@@ -73,7 +73,10 @@ def bench_ours(dtype: str, train_steps: int = 10, sample_reps: int = 10) -> dict
     jax.block_until_ready(train_call())
     compile_s = time.perf_counter() - t_compile
     train_sps = per_call / _time(train_call, max(train_steps // per_call, 1))
-    step_flops = _flops(chunk, holder["state"], data) / per_call
+    # Cost analysis counts a scan body once, so count one unscanned step.
+    single_step = jax.jit(lambda st, batch: training.train_step(model, tx, st, batch))
+    batch = training.sample_batch(data, rng, BATCH)
+    step_flops = _flops(single_step, holder["state"], batch)
 
     params = holder["state"].ema_params
     schedule = training.HParams.from_config(config).schedule
@@ -136,9 +139,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--ref", default=default_ref_path(), help="path to ref_torch.py")
     parser.add_argument("--no-ref", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time an 8-member vmapped sweep against 8 sequential runs")
     args = parser.parse_args(argv)
 
     results = {"ours": [bench_ours(d) for d in args.dtypes.split(",")], "targets": TARGETS}
+    if args.sweep:
+        from energyflow_jax.sweep import bench_sweep
+        results["sweep"] = bench_sweep()
     ref = None if args.no_ref or jax.default_backend() != "cpu" else bench_ref(args.ref, args.threads)
     results["ref_torch"] = ref
     for r in results["ours"]:
@@ -168,6 +176,8 @@ def _print_table(results: dict) -> None:
     for r in results["ours"]:
         if "vs_ref" in r:
             print(f"{r['dtype']}: {r['vs_ref']}")
+    if "sweep" in results:
+        print(f"sweep: {results['sweep']}")
 
 
 if __name__ == "__main__":
