@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax import sweep, toy, training
+from energyflow_jax import sweep, training
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,10 +109,11 @@ def test_vmapped_members_match_separate_runs(tmp_path):
     model = EnergyFlowModel.create(c.model, (1, 2), (1, 2))
     tx = training.make_optimizer(c.optim)
     chunk = training.make_train_chunk(model, tx, c.train.batch_size, 10, training.make_mesh(1))
+    create = jax.jit(training.TrainState.create, static_argnums=(0, 1))  # eager: many compiles
     singles = []
     for m in group.members:
-        state = training.TrainState.create(model, tx, training.HParams.from_config(m.config),
-                                           jax.random.PRNGKey(m.seed))
+        state = create(model, tx, training.HParams.from_config(m.config),
+                       jax.random.PRNGKey(m.seed))
         for _ in range(4):
             state, _ = chunk(state, data)
         singles.append(state)
