@@ -497,8 +497,9 @@ def run_group(config, workdir: str, group: Group,
 
 def _run_groups_ray(config, workdir: str, groups: list[Group]) -> None:
     """Each unfinished group is one Ray Tune trial on the cluster at
-    sweep.ray_address. The workdir must be on storage every node sees: trials
-    write their results and checkpoints there, and resume from them."""
+    sweep.ray_address. The workdir must be on storage every node sees (trials
+    write their results and checkpoints there, and resume from them), and the
+    cluster's Python environment must have energyflow_jax installed."""
     try:
         import ray
         from ray import tune
