@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "sweep": "energyflow_jax.sweep:run",
     "metaworld": "energyflow_jax.metaworld_experiment:run",
     "capacity": "energyflow_jax.capacity.experiment:run",
+    "sac": "energyflow_jax.sac_experiment:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (sweeps/*.py[:preset]).",

@@ -194,6 +194,7 @@ def make_reward_fn(
     num_reference: int = 16,
     reference_rng: jax.Array | None = None,
     success_weight: float = 1.0,
+    scale: float = 1.0,
     normalize_obs: Normalizer | None = None,
     normalize_action: Normalizer | None = None,
     expert_inputs: RewardInputs | None = None,
@@ -205,6 +206,8 @@ def make_reward_fn(
     (a, s, t) -> (B,) from a model trained with pred_horizon = 1, its obs/act dims and
     obs_horizon, and the normalizers it was trained with (identity if None).
     "adversarial" needs `expert_inputs` and returns `airl.AdversarialReward`.
+    `scale` multiplies the energy term (not the success bonus): at gamma = 1e-3 the energy
+    is as sharp as a Gaussian of std ~0.01, so raw energy gaps run to thousands.
     """
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
@@ -252,7 +255,7 @@ def make_reward_fn(
             r = centered_energy_reward(energy, s, a, ref_actions, gamma)
         else:
             r = raw_energy_reward(energy, s, a, gamma)
-        return r + bonus * sparse_reward(inputs)
+        return scale * r + bonus * sparse_reward(inputs)
 
     return Reward(params=(energy_args, refs), compute=_ByIdentity(compute), kind=kind,
                   obs_dim=obs_dim, act_dim=act_dim, obs_horizon=obs_horizon)
