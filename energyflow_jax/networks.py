@@ -36,6 +36,17 @@ def torch_uniform_init(fan_in: int):
     return init
 
 
+def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x @ w in the compute dtype, returning that dtype.
+
+    Returning the compute dtype (not float32) matters under bfloat16: the
+    cotangents flowing back are then bfloat16 too, so the backward and
+    second-order dots also run as bfloat16 matmuls (accumulated in float32 by
+    the backends) instead of falling back to float32 with converts.
+    """
+    return jnp.dot(x.astype(dtype), w.astype(dtype))
+
+
 def _shifted_windows(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
     """(B, L, C) -> (B, ceil(L / stride), kernel_size * C), zero padded 'same'."""
     pad = kernel_size // 2
@@ -60,10 +71,9 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = torch_uniform_init(x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                    preferred_element_type=jnp.float32)
+        y = _matmul(x, kernel, self.dtype)
         if self.use_bias:
-            y = y + self.param("bias", init, (self.features,))
+            y = y + self.param("bias", init, (self.features,)).astype(y.dtype)
         return y
 
 
@@ -105,16 +115,13 @@ class Conv1D(nn.Module):
         bias = self.param("bias", init, (self.features,))
         if self.stride == 1 and 1 < length <= self.kernel_size:
             matrix = _toeplitz_kernel(kernel, self.kernel_size, length)
-            y = jnp.dot(x.reshape(batch, length * channels).astype(self.dtype),
-                        matrix.astype(self.dtype), preferred_element_type=jnp.float32)
-            return y.reshape(batch, length, self.features) + bias
+            y = _matmul(x.reshape(batch, length * channels), matrix, self.dtype)
+            return y.reshape(batch, length, self.features) + bias.astype(y.dtype)
         if self.kernel_size == 1 and self.stride == 1:
             windows = x
         else:
             windows = _shifted_windows(x, self.kernel_size, self.stride)
-        y = jnp.dot(windows.astype(self.dtype), kernel.astype(self.dtype),
-                    preferred_element_type=jnp.float32)
-        return y + bias
+        return _matmul(windows, kernel, self.dtype) + bias.astype(self.dtype)
 
 
 def _power_iteration(w: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
