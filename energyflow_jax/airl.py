@@ -81,8 +81,10 @@ def discriminator_loss(params, state: DiscriminatorState, expert: RewardInputs,
     f_policy = apply({"params": params}, x_policy)
     # -log D(expert) - log(1 - D(policy)), written stably with softplus.
     bce = jax.nn.softplus(-f_expert).mean() + jax.nn.softplus(f_policy).mean()
-    u = jax.random.uniform(rng, (x_expert.shape[0], 1))
-    x_mix = u * x_expert + (1.0 - u) * x_policy
+    # Pairs rows of the two batches; their sizes (airl batch_size, SAC batch_size) may differ.
+    n = min(x_expert.shape[0], x_policy.shape[0])
+    u = jax.random.uniform(rng, (n, 1))
+    x_mix = u * x_expert[:n] + (1.0 - u) * x_policy[:n]
     grads = jax.vmap(jax.grad(lambda x: apply({"params": params}, x[None])[0]))(x_mix)
     penalty = (grads ** 2).sum(-1).mean()
     accuracy = 0.5 * ((f_expert > 0).mean() + (f_policy < 0).mean())

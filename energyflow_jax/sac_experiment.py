@@ -297,7 +297,7 @@ def summarize_variant(per_seed: list[dict]) -> dict[str, float]:
 def results_markdown(results: dict) -> str:
     lines = [f"# SAC on {results['task']} ({results['env_steps']} env steps, "
              f"{len(results['seeds'])} seeds, {results['eval_episodes']} eval episodes each)", "",
-             "| reward | success (mean ± std) | return (mean ± std) | seeds | wall time (s) |",
+             "| reward | success (mean ± std) | return (mean ± std) | seeds | wall time, this invocation (s) |",
              "|---|---|---|---|---|"]
     for kind, v in results["variants"].items():
         f = v["final"]
