@@ -91,13 +91,21 @@ def _toeplitz_kernel(kernel: jax.Array, kernel_size: int, length: int) -> jax.Ar
     return blocks.transpose(0, 2, 1, 3).reshape(length * c, length * n)
 
 
+# Batch size from which the Toeplitz matrix's build cost is repaid (measured on
+# CPU: at batch 1 the rebuild dominated sampling latency).
+TOEPLITZ_MIN_BATCH = 32
+
+
 class Conv1D(nn.Module):
     """'Same'-padded 1-D convolution lowered to dense matmuls.
 
     Long sequences: shifted windows + one dot (k*C inputs per position).
-    Sequences no longer than the kernel: one dot of the flattened sequence
-    with a block-Toeplitz matrix, which skips most zero-padding taps (16 vs 20
-    blocks at length 4, kernel 5) and the window copies. Same parameters and
+    Sequences no longer than the kernel, in large batches: one dot of the
+    flattened sequence with a block-Toeplitz matrix, which skips most
+    zero-padding taps (16 vs 20 blocks at length 4, kernel 5) and the window
+    copies. Building that matrix costs about L^2 * C * N memory traffic per
+    call (XLA does not hoist it out of a sampler loop), so small batches, where
+    the saving is smaller than that, keep the window form. Same parameters and
     the same function either way.
     """
 
@@ -113,7 +121,7 @@ class Conv1D(nn.Module):
         init = torch_uniform_init(fan_in)
         kernel = self.param("kernel", init, (fan_in, self.features))
         bias = self.param("bias", init, (self.features,))
-        if self.stride == 1 and 1 < length <= self.kernel_size:
+        if self.stride == 1 and 1 < length <= self.kernel_size and batch >= TOEPLITZ_MIN_BATCH:
             matrix = _toeplitz_kernel(kernel, self.kernel_size, length)
             y = _matmul(x.reshape(batch, length * channels), matrix, self.dtype)
             return y.reshape(batch, length, self.features) + bias.astype(y.dtype)

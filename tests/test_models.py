@@ -118,9 +118,15 @@ def test_bad_inputs_and_configs_give_clear_errors():
 
 def test_conv1d_paths_match_a_direct_convolution():
     """Both lowerings (windows + dot; block-Toeplitz dot) equal lax's convolution."""
+    small = networks.Conv1D(6, kernel_size=5)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
+    params = small.init(jax.random.PRNGKey(1), x)
+    big_x = jnp.tile(x, (networks.TOEPLITZ_MIN_BATCH // 2, 1, 1))
+    np.testing.assert_allclose(small.apply(params, big_x)[:2], small.apply(params, x),
+                               rtol=1e-5, atol=1e-6)
     for length, stride in [(4, 1), (5, 1), (16, 1), (16, 2), (3, 2)]:
         conv = networks.Conv1D(6, kernel_size=5, stride=stride)
-        x = jax.random.normal(jax.random.PRNGKey(length), (2, length, 3))
+        x = jax.random.normal(jax.random.PRNGKey(length), (networks.TOEPLITZ_MIN_BATCH, length, 3))
         params = conv.init(jax.random.PRNGKey(1), x)
         kernel = params["params"]["kernel"].reshape(5, 3, 6)  # (k, C, N) = WIO
         expected = jax.lax.conv_general_dilated(
