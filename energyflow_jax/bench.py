@@ -146,7 +146,11 @@ def main(argv=None) -> dict:
     results = {"ours": [bench_ours(d) for d in args.dtypes.split(",")], "targets": TARGETS}
     if args.sweep:
         from energyflow_jax.sweep import bench_sweep
+        # The published shapes, and a member of the shipped toy sweep
+        # (sweeps/sweep_toy.py: MLP (128, 128) on 2-D states and actions).
         results["sweep"] = bench_sweep()
+        results["sweep_toy_member"] = bench_sweep(mlp_dims=(128, 128), obs_shape=(1, 2),
+                                                  action_shape=(1, 2))
     ref = None if args.no_ref or jax.default_backend() != "cpu" else bench_ref(args.ref, args.threads)
     results["ref_torch"] = ref
     for r in results["ours"]:
@@ -176,8 +180,9 @@ def _print_table(results: dict) -> None:
     for r in results["ours"]:
         if "vs_ref" in r:
             print(f"{r['dtype']}: {r['vs_ref']}")
-    if "sweep" in results:
-        print(f"sweep: {results['sweep']}")
+    for key in ("sweep", "sweep_toy_member"):
+        if key in results:
+            print(f"{key}: {results[key]}")
 
 
 if __name__ == "__main__":

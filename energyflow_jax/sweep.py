@@ -730,7 +730,8 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
 
 
 def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
-                mlp_dims=(256, 256, 256), repeats: int = 3) -> dict:
+                mlp_dims=(256, 256, 256), repeats: int = 3,
+                obs_shape=(2, 39), action_shape=(16, 4)) -> dict:
     """Aggregate DSM steps/s: n_members trained in one vmapped program vs the
     same members one after another with the single-run program
     (`training.make_train_chunk`), in this process.
@@ -750,7 +751,7 @@ def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
     config.model.time_emb_dim = 64
     config.optim.warmup_steps = 10
     config.train.batch_size = batch_size
-    obs_shape, action_shape = (2, 39), (16, 4)
+    obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
     model = EnergyFlowModel.create(config.model, obs_shape, action_shape)
     data = {"obs": jax.random.normal(jax.random.PRNGKey(0), (4096, *obs_shape)),
             "actions": jax.random.normal(jax.random.PRNGKey(1), (4096, *action_shape))}
@@ -799,7 +800,8 @@ def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
     vm_s, seq_s = float(np.median(vm_times)), float(np.median(seq_times))
     total = n_members * steps
     n_params = sum(x.size for x in jax.tree.leaves(states[0].params))
-    return {"model": f"mlp{tuple(mlp_dims)} energy, obs 2x39, chunk 16x4", "n_params": int(n_params),
+    return {"model": f"mlp{tuple(mlp_dims)} energy, obs {obs_shape}, chunk {action_shape}",
+            "n_params": int(n_params),
             "batch_size": batch_size, "n_members": n_members, "steps_per_member": steps,
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "vmapped_steps_per_s": round(total / vm_s, 2),
