@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from energyflow_jax import diffusion, training
 from energyflow_jax.config import base_config

@@ -17,7 +17,6 @@ with; the policy needs it), checkpoints/, metrics.jsonl, eval_episodes.json
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from typing import Any

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from energyflow_jax import airl, rewards, run_io
+from energyflow_jax import rewards, run_io
 from energyflow_jax.data import metaworld_demos as demos
 from energyflow_jax.data.dataset import make_dataset, make_windows
 from energyflow_jax.metaworld_experiment import (NORMALIZERS_FILE, demo_cache_path,

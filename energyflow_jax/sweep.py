@@ -594,7 +594,7 @@ def summarize(config, members: list[dict]) -> dict:
 
 def results_markdown(summary: dict) -> str:
     keys, names = summary["swept_keys"], summary["metric_names"]
-    lines = [f"# Sweep results", "",
+    lines = ["# Sweep results", "",
              f"{len(summary['members'])} members, {len(summary['settings'])} settings; "
              f"mean ± std over seeds; best by {summary['metric']} ({summary['metric_mode']}) "
              "marked ★.", ""]

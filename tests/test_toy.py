@@ -4,7 +4,6 @@ import os
 
 import jax
 import numpy as np
-from scipy import stats
 
 from energyflow_jax import toy, train
 
