@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from energyflow_jax import training
+
 Array = jax.Array
 DEFAULT_MIN_STD = 1e-2
 
@@ -208,5 +210,4 @@ def sample_batch(dataset: Dataset, rng: Array, batch_size: int) -> dict[str, Arr
 
     Jit-able with ``batch_size`` static, e.g. inside a scanned train step.
     """
-    idx = jax.random.randint(rng, (batch_size,), 0, dataset.num_windows)
-    return {"obs": dataset.obs[idx], "actions": dataset.actions[idx]}
+    return training.sample_batch(dataset.arrays(), rng, batch_size)
