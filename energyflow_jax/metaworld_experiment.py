@@ -16,7 +16,6 @@ with; the policy needs it), checkpoints/, metrics.jsonl, eval_episodes.json
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 from typing import Any
@@ -51,16 +50,8 @@ def save_normalizers(path: str, obs_normalizer: Normalizer, action_normalizer: N
     """Write both normalizers to one .npz atomically (temp file + rename)."""
     arrays = {"obs_mean": obs_normalizer.mean, "obs_std": obs_normalizer.std,
               "action_mean": action_normalizer.mean, "action_std": action_normalizer.std}
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    run_io.atomic_write(path, lambda f: np.savez(
+        f, **{k: np.asarray(v, np.float32) for k, v in arrays.items()}))
 
 
 def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:

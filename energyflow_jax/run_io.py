@@ -4,11 +4,12 @@ Only process 0 writes files; orbax coordinates checkpoints across hosts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import jax
 import numpy as np
@@ -19,14 +20,29 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file and rename, so a killed run never leaves half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call write(f) on a temp file beside path, fsync, then rename over path.
+
+    A killed or failing writer never leaves half a file at path, and its temp
+    file is removed.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str, obj: Any) -> None:

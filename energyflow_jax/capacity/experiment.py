@@ -16,7 +16,6 @@ inert) and every sign draw / restart / seed (vmapped).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import time
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from energyflow_jax import run_io
 from energyflow_jax.capacity import generalization, rademacher
 
 MODEL_CLASSES = ("conservative", "free")
@@ -364,6 +364,5 @@ def run(config, workdir) -> dict:
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": [str(d) for d in jax.devices()], "python": platform.python_version()},
     }
-    with open(os.path.join(workdir, "capacity.json"), "w") as f:
-        json.dump(report, f, indent=1, allow_nan=True)
+    run_io.write_json(os.path.join(workdir, "capacity.json"), report)
     return summary

@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -55,6 +54,8 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
+
+from energyflow_jax import run_io
 
 logger = logging.getLogger(__name__)
 
@@ -347,19 +348,7 @@ def save_demo_cache(path: str | os.PathLike, episodes: list[dict[str, Any]], pro
         # A 0-d unicode array: readable with allow_pickle=False.
         "provenance": np.array(json.dumps(provenance, sort_keys=True)),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
+    run_io.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
