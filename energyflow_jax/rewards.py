@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from scipy import stats
 
 EnergyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (a, s, t) -> (B,)
 Normalizer = Callable[[jax.Array], jax.Array]
@@ -319,27 +320,21 @@ def random_actions(rng: jax.Array, num_states: int, num: int, act_dim: int,
     return jax.random.uniform(rng, (num_states, num, act_dim), minval=low, maxval=high)
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (what Spearman's rho uses)."""
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    # Each run of equal values gets the mean of the positions it spans.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    mean_pos = (starts + ends - 1) / 2.0
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(mean_pos, ends - starts)
-    return ranks
+def _correlation(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    """scipy's Pearson or Spearman (ties averaged); NaN where undefined
+    (fewer than two points, or a constant input), without scipy's warning."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
+    return float(fn(x, y)[0])
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+    return _correlation("pearson", x, y)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return _pearson(_ranks(x), _ranks(y))
+    return _correlation("spearman", x, y)
 
 
 @jax.jit

@@ -115,6 +115,9 @@ def test_spearman_matches_scipy_with_ties():
     y = x + rng.normal(size=50)
     np.testing.assert_allclose(rewards._spearman(x, y), scipy.stats.spearmanr(x, y)[0])
     np.testing.assert_allclose(rewards._pearson(x, y), scipy.stats.pearsonr(x, y)[0])
+    # Undefined correlations are NaN (a constant reward, a one-step episode).
+    assert np.isnan(rewards._spearman(np.ones(5), y[:5]))
+    assert np.isnan(rewards._pearson(x[:1], y[:1]))
 
 
 def test_reward_quality_on_a_known_energy():
