@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,6 +31,11 @@ def run(config, workdir: str) -> dict:
     if config.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {config.experiment!r}; known: {sorted(EXPERIMENTS)}")
     module_name, fn_name = EXPERIMENTS[config.experiment].split(":")
+    train_config = config.get("train")
+    if train_config is not None and train_config.get("distributed", False):
+        # Once per process, before any device is touched; a run may call fit()
+        # several times (tasks x seeds).
+        jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
     return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
 

@@ -44,8 +44,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         data: dict) -> tuple[training.TrainState, dict]:
     """Train (or resume) to config.optim.total_steps; returns (state, info)."""
     validate_data(data)
-    if config.train.distributed:
-        jax.distributed.initialize()
     mesh = training.make_mesh(config.train.num_devices or None)
     tx = training.make_optimizer(config.optim)
     state = training.TrainState.create(model, tx, training.HParams.from_config(config),
