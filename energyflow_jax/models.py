@@ -56,7 +56,7 @@ class ConditionalNetwork(nn.Module):
         else:
             h = jnp.concatenate([a.reshape(a.shape[0], -1), cond], axis=-1)
             for width in self.mlp_dims:
-                h = nn.softplus(networks.Dense(width, dtype=self.dtype)(h))
+                h = networks.softplus(networks.Dense(width, dtype=self.dtype)(h))
             if self.kind == "free":
                 return networks.Dense(a.shape[1] * a.shape[2])(h).reshape(a.shape)
             pooled = h.astype(jnp.float32)
@@ -67,7 +67,7 @@ class ConditionalNetwork(nn.Module):
         # which is what the capacity bound (Theorem 3.6) leans on.
         layer = networks.SpectralDense if self.spectral_norm else networks.Dense
         for width in self.head_dims:
-            h = nn.softplus(layer(width)(h))
+            h = networks.softplus(layer(width)(h))
         return layer(1, use_bias=False)(h)[:, 0]
 
 

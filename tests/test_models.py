@@ -17,18 +17,21 @@ def _inputs(model, batch=3, seed=0):
 
 
 def _score_jacobian(model, params, a, s, t):
-    """d score / d a for the first sample, as a (L*A, L*A) matrix."""
+    """d score / d a for the first sample of the batch, as a (L*A, L*A) matrix."""
     def f(flat):
-        return model.score(params, flat.reshape(1, *model.action_shape), s[:1], t[:1]).ravel()
-    return jax.jacfwd(f)(a[:1].ravel())
+        actions = a.at[0].set(flat.reshape(model.action_shape))
+        return model.score(params, actions, s, t)[0].ravel()
+    return jax.jacfwd(f)(a[0].ravel())
 
 
-@pytest.mark.parametrize("arch", ["mlp", "unet"])
-def test_conservative_score_has_symmetric_jacobian_and_free_does_not(arch):
+# Batch 1 runs the U-Net's convolutions in the window form, a large batch in Winograd form.
+@pytest.mark.parametrize("arch,batch", [("mlp", 1), ("unet", 1),
+                                        ("unet", networks.WINOGRAD_MIN_BATCH)])
+def test_conservative_score_has_symmetric_jacobian_and_free_does_not(arch, batch):
     for kind in ("conservative", "free"):
         model = tiny_model(kind, arch)
         params = model.init(jax.random.PRNGKey(1))
-        a, s, t = _inputs(model)
+        a, s, t = _inputs(model, batch=batch)
         jac = _score_jacobian(model, params, a, s, t)
         asym = float(jnp.max(jnp.abs(jac - jac.T)))
         scale = float(jnp.max(jnp.abs(jac)))
@@ -117,19 +120,61 @@ def test_bad_inputs_and_configs_give_clear_errors():
 
 
 def test_conv1d_paths_match_a_direct_convolution():
-    """Both lowerings (windows + dot; block-Toeplitz dot) equal lax's convolution."""
+    """Both lowerings (windows + dot; Winograd F(4, k)) equal lax's convolution."""
     small = networks.Conv1D(6, kernel_size=5)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
     params = small.init(jax.random.PRNGKey(1), x)
-    big_x = jnp.tile(x, (networks.TOEPLITZ_MIN_BATCH // 2, 1, 1))
+    big_x = jnp.tile(x, (networks.WINOGRAD_MIN_BATCH // 2, 1, 1))
     np.testing.assert_allclose(small.apply(params, big_x)[:2], small.apply(params, x),
-                               rtol=1e-5, atol=1e-6)
-    for length, stride in [(4, 1), (5, 1), (16, 1), (16, 2), (3, 2)]:
-        conv = networks.Conv1D(6, kernel_size=5, stride=stride)
-        x = jax.random.normal(jax.random.PRNGKey(length), (networks.TOEPLITZ_MIN_BATCH, length, 3))
+                               rtol=1e-5, atol=1e-5)
+    for length, stride, k in [(4, 1, 5), (5, 1, 5), (8, 1, 5), (16, 1, 5), (2, 1, 5), (7, 1, 3),
+                              (16, 1, 3), (16, 2, 5), (3, 2, 5)]:
+        conv = networks.Conv1D(6, kernel_size=k, stride=stride)
+        x = jax.random.normal(jax.random.PRNGKey(length), (networks.WINOGRAD_MIN_BATCH, length, 3))
         params = conv.init(jax.random.PRNGKey(1), x)
-        kernel = params["params"]["kernel"].reshape(5, 3, 6)  # (k, C, N) = WIO
+        kernel = params["params"]["kernel"].reshape(k, 3, 6)  # (k, C, N) = WIO
         expected = jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(stride,), padding=[(2, 2)],
+            x, kernel, window_strides=(stride,), padding=[(k // 2, k // 2)],
             dimension_numbers=("NWC", "WIO", "NWC")) + params["params"]["bias"]
         np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,r", [(4, 5), (4, 3), (2, 3)])
+def test_winograd_matrices_compute_correlation_exactly(m, r):
+    a_t, g, b_t = networks.winograd_matrices(m, r)
+    rng = np.random.default_rng(0)
+    d, w = rng.normal(size=m + r - 1), rng.normal(size=r)
+    expected = np.array([d[i:i + r] @ w for i in range(m)])
+    np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_conv_second_order_gradients_match_windows():
+    """The DSM gradient differentiates through the score: both lowerings must agree there."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (networks.WINOGRAD_MIN_BATCH, 8, 3))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (5 * 3, 4)) / 4.0
+    target = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+
+    def dsm_like(conv):
+        def energy(k, x):
+            return jnp.sum(networks.softplus(conv(x, k)) ** 2)
+        return lambda k: jnp.sum((jax.grad(energy, argnums=1)(k, x) - target) ** 2)
+
+    def windows(x, k):
+        return networks._shifted_windows(x, 5, 1) @ k
+
+    def winograd(x, k):
+        return networks._winograd_conv(x, k, 5)
+
+    np.testing.assert_allclose(jax.grad(dsm_like(winograd))(kernel),
+                               jax.grad(dsm_like(windows))(kernel), rtol=2e-4, atol=2e-4)
+
+
+def test_softplus_and_its_derivatives_match_jax():
+    x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 601), jnp.array([-1e4, 1e4, 0.0])])
+    np.testing.assert_allclose(networks.softplus(x), jax.nn.softplus(x), rtol=1e-6, atol=1e-6)
+    d1 = jax.vmap(jax.grad(networks.softplus))(x)
+    d2 = jax.vmap(jax.grad(jax.grad(networks.softplus)))(x)
+    np.testing.assert_allclose(d1, jax.nn.sigmoid(x), rtol=1e-6, atol=1e-7)
+    sig = jax.nn.sigmoid(x)
+    np.testing.assert_allclose(d2, sig * (1 - sig), rtol=1e-5, atol=1e-7)
+    assert bool(jnp.all(jnp.isfinite(d2)))
