@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config, tiny_model
 
 from energyflow_jax import networks
-from helpers import tiny_config, tiny_model
 from energyflow_jax.models import EnergyFlowModel
 
 
@@ -146,6 +146,17 @@ def test_winograd_matrices_compute_correlation_exactly(m, r):
     d, w = rng.normal(size=m + r - 1), rng.normal(size=r)
     expected = np.array([d[i:i + r] @ w for i in range(m)])
     np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length,r", [(1, 5), (2, 5), (3, 3), (4, 5), (4, 3)])
+def test_short_sequence_matrices_compute_padded_correlation_in_2l_minus_1_products(length, r):
+    a_t, g, b_t = networks.short_sequence_matrices(length, r)
+    assert b_t.shape == (2 * length - 1, length)
+    rng = np.random.default_rng(length)
+    x, w = rng.normal(size=length), rng.normal(size=r)
+    xp = np.pad(x, (r // 2, r // 2))
+    expected = np.array([xp[i:i + r] @ w for i in range(length)])
+    np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ x)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_winograd_conv_second_order_gradients_match_windows():
