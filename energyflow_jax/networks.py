@@ -8,9 +8,11 @@ through them is worse (see NOTES.md). Large float32 batches use Winograd
 minimal filtering (fewer multiplies), everything else shifted windows and one
 dot; both lower to dense dots on every backend.
 
-`dtype` is the compute dtype of the matmuls (parameters stay float32). bfloat16
-roughly doubles matmul throughput on CPUs with AVX512-BF16 and on GPUs;
-normalization statistics, the energy head and all reductions stay float32.
+`dtype` is the compute dtype of the matmuls (parameters stay float32).
+bfloat16 is for GPUs: it keeps the direct convolution form (Winograd
+transforms would amplify its rounding), which on our CPU makes it slower than
+float32. Normalization statistics, the energy head and all reductions stay
+float32.
 """
 from __future__ import annotations
 
