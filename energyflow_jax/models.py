@@ -42,14 +42,15 @@ class ConditionalNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
-        cond = jnp.concatenate(
-            [networks.StateEncoder(self.state_emb_dim, self.dtype)(s),
-             networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)(t)],
-            axis=-1,
-        )
+        # The state and time parts of the conditioning stay separate: in the
+        # sampler loop the state part is fixed, and XLA hoists it (and the
+        # FiLM weights it multiplies) out of the loop.
+        cond_parts = (networks.StateEncoder(self.state_emb_dim, self.dtype)(s),
+                      networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)(t))
+        cond = jnp.concatenate(cond_parts, axis=-1)
         if self.arch == "unet":
             features = networks.UNet1D(self.down_dims, self.kernel_size, self.n_groups,
-                                       self.dtype)(a, cond)  # (B, L, C)
+                                       self.dtype)(a, cond_parts)  # (B, L, C)
             if self.kind == "free":
                 return networks.Conv1D(a.shape[-1], 1, dtype=self.dtype)(features)
             pooled = features.astype(jnp.float32).mean(axis=1)

@@ -91,17 +91,29 @@ def _shifted_windows(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """Linear layer with PyTorch's init and float32 accumulation."""
+    """Linear layer with PyTorch's init and float32 accumulation.
+
+    The input may be a tuple of parts, taken as their concatenation but
+    multiplied part by part (same parameters). A part that stays fixed inside
+    a loop, like the state embedding in the sampler, can then be hoisted out
+    of it by XLA together with its share of the weights.
+    """
 
     features: int
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = torch_uniform_init(x.shape[-1])
-        kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        y = _matmul(x, kernel, self.dtype)
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
+        parts = x if isinstance(x, tuple) else (x,)
+        fan_in = sum(part.shape[-1] for part in parts)
+        init = torch_uniform_init(fan_in)
+        kernel = self.param("kernel", init, (fan_in, self.features))
+        y, start = None, 0
+        for part in parts:
+            term = _matmul(part, kernel[start:start + part.shape[-1]], self.dtype)
+            y = term if y is None else y + term
+            start += part.shape[-1]
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,)).astype(y.dtype)
         return y
@@ -350,7 +362,7 @@ class FiLMResBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cond) -> jax.Array:
         h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(x)
         film = Dense(2 * self.features, dtype=self.dtype)(cond)
         scale, bias = jnp.split(film, 2, axis=-1)
@@ -373,7 +385,8 @@ class UNet1D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, a: jax.Array, cond: jax.Array) -> jax.Array:
+    def __call__(self, a: jax.Array, cond) -> jax.Array:
+        """cond: (B, D), or a tuple of parts of it (see Dense)."""
         res = lambda f: FiLMResBlock(f, self.kernel_size, self.n_groups, self.dtype)
         x = a
         skips = []
