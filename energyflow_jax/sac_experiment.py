@@ -153,24 +153,26 @@ def random_policy_inputs(task: str, n_episodes: int, n_steps: int, obs_horizon: 
     """Uniform-random-action trajectories with the observation history the reward reads."""
     rng = np.random.default_rng(seed)
     env = make_env_fn(task, seed, n_steps)()
-    obs_windows, actions, env_rewards, successes, ids = [], [], [], [], []
+    episodes, env_rewards, successes, ids = [], [], [], []
     for episode in range(n_episodes):
         obs, _ = env.reset()
-        history = np.repeat(np.asarray(obs, np.float32)[None], obs_horizon, axis=0)
+        ep_obs, ep_actions = [], []
         for _ in range(n_steps):
             action = rng.uniform(-1.0, 1.0, env.action_space.shape).astype(np.float32)
-            obs_windows.append(history)
-            actions.append(action)
+            ep_obs.append(np.asarray(obs, np.float32))
+            ep_actions.append(action)
             obs, reward, terminated, truncated, info = env.step(action)
             env_rewards.append(reward)
             successes.append(float(info.get("success", 0.0)))
             ids.append(episode)
-            history = np.concatenate([history[1:], np.asarray(obs, np.float32)[None]])
             if terminated or truncated:
                 break
+        episodes.append({"obs": np.stack(ep_obs), "actions": np.stack(ep_actions)})
     env.close()
+    obs_windows, _ = make_windows(episodes, obs_horizon, 1)  # the same history as the demos
     return rewards.RewardInputs(
-        obs=np.stack(obs_windows), action=np.stack(actions),
+        obs=np.asarray(obs_windows, np.float32),
+        action=np.concatenate([ep["actions"] for ep in episodes]),
         env_reward=np.asarray(env_rewards, np.float32),
         success=np.asarray(successes, np.float32)), np.asarray(ids)
 
@@ -178,7 +180,7 @@ def random_policy_inputs(task: str, n_episodes: int, n_steps: int, obs_horizon: 
 def build_reward(kind: str, config, *, obs_dim: int, act_dim: int, energy=None,
                  expert_inputs: rewards.RewardInputs | None = None, energy_scale: float = 1.0):
     """The reward object for `kind`; `energy` = (model, params, obs_norm, act_norm)."""
-    kwargs = dict(scale=energy_scale,obs_horizon=config.reward_model.data.obs_horizon, obs_dim=obs_dim,
+    kwargs = dict(scale=energy_scale, obs_horizon=config.reward_model.data.obs_horizon, obs_dim=obs_dim,
                   act_dim=act_dim, gamma=config.reward.gamma,
                   num_reference=config.reward.num_reference,
                   reference_rng=jax.random.PRNGKey(config.reward.reference_seed),
