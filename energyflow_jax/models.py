@@ -47,7 +47,6 @@ class ConditionalNetwork(nn.Module):
         # FiLM weights it multiplies) out of the loop.
         cond_parts = (networks.StateEncoder(self.state_emb_dim, self.dtype)(s),
                       networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)(t))
-        cond = jnp.concatenate(cond_parts, axis=-1)
         if self.arch == "unet":
             features = networks.UNet1D(self.down_dims, self.kernel_size, self.n_groups,
                                        self.dtype)(a, cond_parts)  # (B, L, C)
@@ -55,7 +54,7 @@ class ConditionalNetwork(nn.Module):
                 return networks.Conv1D(a.shape[-1], 1, dtype=self.dtype)(features)
             pooled = features.astype(jnp.float32).mean(axis=1)
         else:
-            h = jnp.concatenate([a.reshape(a.shape[0], -1), cond], axis=-1)
+            h = jnp.concatenate([a.reshape(a.shape[0], -1), *cond_parts], axis=-1)
             for width in self.mlp_dims:
                 h = networks.softplus(networks.Dense(width, dtype=self.dtype)(h))
             if self.kind == "free":

@@ -222,12 +222,12 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Arr
     u = jnp.stack([_weighted_sum(row, taps, None) for row in g])  # (n, C, N), weights only
     prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (n, B*T, N)
     features = prod.shape[-1]
-    # prod_at[t][alpha]: (B, 1, N)
+    # rows[alpha][t]: (B, 1, N), the alpha-th product of tile t
     rows = [jax.lax.split(p.reshape(batch, tiles, features), [1] * tiles, axis=1)
             for p in jax.lax.split(prod, [1] * n, axis=0)]
-    prod_at = [[rows[alpha][t] for alpha in range(n)] for t in range(tiles)]
     zero_out = jnp.zeros((batch, 1, features), prod.dtype)
-    outputs = [_weighted_sum(a_t[o % m], prod_at[o // m], zero_out) for o in range(length)]
+    outputs = [_weighted_sum(a_t[o % m], [row[o // m] for row in rows], zero_out)
+               for o in range(length)]
     return jnp.concatenate(outputs, axis=1)
 
 
