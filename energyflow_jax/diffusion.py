@@ -65,14 +65,16 @@ def sample(model: EnergyFlowModel, params, obs: jax.Array, rng: jax.Array,
     batch = obs.shape[0]
     dt = (schedule.T - gamma) / n_steps
     a = schedule.sigma_max * jax.random.normal(rng, (batch, *model.action_shape), jnp.float32)
+    times = schedule.T - dt * jnp.arange(n_steps, dtype=jnp.float32)
+    # Everything that does not depend on the chunk is computed once for all
+    # steps: each step then only runs the trunk (and its backward pass).
+    cond = model.conditioning(params, obs, times)
 
     def step(k, a):
-        t = jnp.full((batch,), schedule.T - k * dt, jnp.float32)
-        drift = 0.5 * _expand(schedule.dsigma2_dt(t), a) * model.score(params, a, obs, t)
+        drift = 0.5 * schedule.dsigma2_dt(times[k]) * model.score_given(params, a, cond.at(k))
         return a + dt * drift
 
     a = jax.lax.fori_loop(0, n_steps, step, a)
     if return_energy:
         return a, model.energy(params, a, obs, jnp.full((batch,), gamma, jnp.float32))
     return a
-

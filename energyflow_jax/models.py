@@ -11,7 +11,8 @@ All methods are pure functions of `params`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import math
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,11 +26,37 @@ ARCHS = ("unet", "mlp")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+class Conditioning(NamedTuple):
+    """The conditioning of every conditioned layer, split by what it depends on.
+
+    Layer i receives state[i] + time[i]. state[i] (B, D_i) comes from the
+    observation (and holds the layer's bias); time[i] (T, D_i) from the time
+    embedding, one row per time. In training T == B (a time per sample); the
+    sampler builds it once for its K step times, and `at(k)` picks step k.
+    """
+
+    state: tuple
+    time: tuple
+
+    def combined(self) -> tuple:
+        return tuple(s + t for s, t in zip(self.state, self.time))
+
+    def at(self, k) -> tuple:
+        return tuple(s + t[k] for s, t in zip(self.state, self.time))
+
+
 class ConditionalNetwork(nn.Module):
-    """(a, s, t) -> energy (B,) if conservative, else field (B, L, A)."""
+    """(a, s, t) -> energy (B,) if conservative, else field (B, L, A).
+
+    Split in two methods: `conditioning(s, t)` (everything that does not
+    depend on the action chunk) and `trunk(a, cond)`. The conditioning enters
+    every layer it feeds through a linear map, so it is carried as that map's
+    output, in state and time terms (see Conditioning).
+    """
 
     kind: str
     arch: str
+    action_shape: tuple
     down_dims: Sequence[int]
     kernel_size: int
     n_groups: int
@@ -40,35 +67,60 @@ class ConditionalNetwork(nn.Module):
     spectral_norm: bool
     dtype: Any
 
-    @nn.compact
-    def __call__(self, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
-        # The state and time parts of the conditioning stay separate: in the
-        # sampler loop the state part is fixed, and XLA hoists it (and the
-        # FiLM weights it multiplies) out of the loop.
-        cond_parts = (networks.StateEncoder(self.state_emb_dim, self.dtype)(s),
-                      networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)(t))
+    def setup(self):
+        self.state_encoder = networks.StateEncoder(self.state_emb_dim, self.dtype)
+        self.time_embedding = networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)
+        cond_dim = self.state_emb_dim + self.time_emb_dim
+        action_size = math.prod(self.action_shape)
         if self.arch == "unet":
-            features = networks.UNet1D(self.down_dims, self.kernel_size, self.n_groups,
-                                       self.dtype)(a, cond_parts)  # (B, L, C)
+            self.unet = networks.UNet1D(self.down_dims, self.kernel_size, self.n_groups, self.dtype)
+            self.cond_layers = [networks.CondProjection(2 * f, cond_dim, self.dtype)
+                                for f in networks.unet_block_features(self.down_dims)]
             if self.kind == "free":
-                return networks.Conv1D(a.shape[-1], 1, dtype=self.dtype)(features)
+                self.field_out = networks.Conv1D(self.action_shape[-1], 1, dtype=self.dtype)
+        else:
+            # The first MLP layer reads concat(a, state_emb, time_emb): its
+            # action part is mlp_in, its conditioning part cond_layers[0].
+            fan_in = action_size + cond_dim
+            self.cond_layers = [networks.CondProjection(self.mlp_dims[0], fan_in, self.dtype)]
+            self.mlp_in = networks.Dense(self.mlp_dims[0], use_bias=False, dtype=self.dtype,
+                                         fan_in=fan_in)
+            self.mlp_hidden = [networks.Dense(w, dtype=self.dtype) for w in self.mlp_dims[1:]]
+            if self.kind == "free":
+                self.field_out = networks.Dense(action_size)
+        if self.kind == "conservative":
+            # Spectral normalization keeps the head's Lipschitz constant at 1,
+            # which is what the capacity bound (Theorem 3.6) leans on.
+            layer = networks.SpectralDense if self.spectral_norm else networks.Dense
+            self.head = [layer(w) for w in self.head_dims] + [layer(1, use_bias=False)]
+
+    def __call__(self, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
+        return self.trunk(a, self.conditioning(s, t).combined())
+
+    def conditioning(self, s: jax.Array, t: jax.Array) -> Conditioning:
+        """s (B, *obs_shape), t (T,) -> the Conditioning of every layer."""
+        state_emb, time_emb = self.state_encoder(s), self.time_embedding(t)
+        terms = [layer(state_emb, time_emb) for layer in self.cond_layers]
+        return Conditioning(tuple(st for st, _ in terms), tuple(tt for _, tt in terms))
+
+    def trunk(self, a: jax.Array, cond: Sequence[jax.Array]) -> jax.Array:
+        """a (B, L, A) and each layer's conditioning input (B, D_i)."""
+        if self.arch == "unet":
+            features = self.unet(a, cond)  # (B, L, C)
+            if self.kind == "free":
+                return self.field_out(features)
             pooled = features.astype(jnp.float32).mean(axis=1)
         else:
-            h = jnp.concatenate([a.reshape(a.shape[0], -1), *cond_parts], axis=-1)
-            for width in self.mlp_dims:
-                h = networks.softplus(networks.Dense(width, dtype=self.dtype)(h))
+            h = networks.softplus(self.mlp_in(a.reshape(a.shape[0], -1)) + cond[0])
+            for layer in self.mlp_hidden:
+                h = networks.softplus(layer(h))
             if self.kind == "free":
-                return networks.Dense(a.shape[1] * a.shape[2])(h).reshape(a.shape)
+                return self.field_out(h).reshape(a.shape)
             pooled = h.astype(jnp.float32)
-        return self._energy_head(pooled)
-
-    def _energy_head(self, h: jax.Array) -> jax.Array:
-        # Spectral normalization keeps the head's Lipschitz constant at 1,
-        # which is what the capacity bound (Theorem 3.6) leans on.
-        layer = networks.SpectralDense if self.spectral_norm else networks.Dense
-        for width in self.head_dims:
-            h = networks.softplus(layer(width)(h))
-        return layer(1, use_bias=False)(h)[:, 0]
+        h = pooled
+        for layer in self.head[:-1]:
+            h = networks.softplus(layer(h))
+        return self.head[-1](h)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +143,15 @@ class EnergyFlowModel:
             raise ValueError(f"model.arch must be one of {ARCHS}, got {config.arch!r}")
         if config.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
+        if config.arch == "mlp" and not config.mlp_dims:
+            raise ValueError("model.arch='mlp' needs at least one model.mlp_dims layer")
         if config.arch == "unet" and any(d % config.n_groups for d in config.down_dims):
             raise ValueError(
                 f"every model.down_dims entry must be divisible by model.n_groups="
                 f"{config.n_groups}, got {tuple(config.down_dims)}")
         network = ConditionalNetwork(
-            kind=config.kind, arch=config.arch, down_dims=tuple(config.down_dims),
+            kind=config.kind, arch=config.arch, action_shape=tuple(action_shape),
+            down_dims=tuple(config.down_dims),
             kernel_size=config.kernel_size, n_groups=config.n_groups,
             mlp_dims=tuple(config.mlp_dims), head_dims=tuple(config.head_dims),
             state_emb_dim=config.state_emb_dim, time_emb_dim=config.time_emb_dim,
@@ -109,26 +164,47 @@ class EnergyFlowModel:
         s = jnp.zeros((1, *self.obs_shape), jnp.float32)
         return self.network.init(rng, a, s, jnp.zeros((1,), jnp.float32))
 
-    def check_inputs(self, a: jax.Array, s: jax.Array) -> None:
+    def check_actions(self, a: jax.Array) -> None:
         """Shape check at trace time; a mismatch names both shapes."""
         if a.shape[1:] != self.action_shape:
             raise ValueError(f"action chunk shape {a.shape[1:]} does not match the model's "
                              f"{self.action_shape} (pred_horizon, action_dim)")
+
+    def check_obs(self, s: jax.Array) -> None:
         if s.shape[1:] != self.obs_shape:
             raise ValueError(f"observation shape {s.shape[1:]} does not match the model's "
                              f"{self.obs_shape} (obs_horizon, obs_dim)")
 
-    def energy(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
-        """Scalar energy per sample, (B,). Conservative models only."""
+    def conditioning(self, params, s: jax.Array, t: jax.Array) -> Conditioning:
+        """The action-independent part of the network for states s (B, ...) and times t (T,)."""
+        self.check_obs(s)
+        return self.network.apply(params, s, t, method=ConditionalNetwork.conditioning)
+
+    def energy_given(self, params, a: jax.Array, cond: Sequence[jax.Array]) -> jax.Array:
+        """Energy (B,) of chunks a under per-layer conditioning (Conditioning.combined/at)."""
         if self.kind != "conservative":
             raise ValueError("a free vector-field model has no energy; use model.kind='conservative'")
-        self.check_inputs(a, s)
-        return self.network.apply(params, a, s, t)
+        self.check_actions(a)
+        return self.network.apply(params, a, cond, method=ConditionalNetwork.trunk)
+
+    def score_given(self, params, a: jax.Array, cond: Sequence[jax.Array]) -> jax.Array:
+        """The denoising field (B, L, A) under per-layer conditioning."""
+        if self.kind == "conservative":
+            # Samples are independent, so the gradient of the sum is per sample.
+            return -jax.grad(lambda a_: self.energy_given(params, a_, cond).sum())(a)
+        self.check_actions(a)
+        return self.network.apply(params, a, cond, method=ConditionalNetwork.trunk)
+
+    def energy(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
+        """Scalar energy per sample, (B,). Conservative models only."""
+        return self.energy_given(params, a, self.conditioning(params, s, t).combined())
 
     def energy_and_score(self, params, a, s, t):
-        """(E, -dE/da). Samples are independent, so grad of the sum is per-sample."""
+        """(E, -dE/da)."""
+        cond = self.conditioning(params, s, t).combined()
+
         def total(a_):
-            e = self.energy(params, a_, s, t)
+            e = self.energy_given(params, a_, cond)
             return e.sum(), e
 
         (_, energy), grad = jax.value_and_grad(total, has_aux=True)(a)
@@ -136,7 +212,4 @@ class EnergyFlowModel:
 
     def score(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
         """The denoising field, (B, L, A)."""
-        if self.kind == "conservative":
-            return -jax.grad(lambda a_: self.energy(params, a_, s, t).sum())(a)
-        self.check_inputs(a, s)
-        return self.network.apply(params, a, s, t)
+        return self.score_given(params, a, self.conditioning(params, s, t).combined())

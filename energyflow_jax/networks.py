@@ -93,30 +93,47 @@ def _shifted_windows(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
 class Dense(nn.Module):
     """Linear layer with PyTorch's init and float32 accumulation.
 
-    The input may be a tuple of parts, taken as their concatenation but
-    multiplied part by part (same parameters). A part that stays fixed inside
-    a loop, like the state embedding in the sampler, can then be hoisted out
-    of it by XLA together with its share of the weights.
+    `fan_in` overrides the init's fan-in, for a layer that is one part of a
+    wider one (see CondProjection).
     """
 
     features: int
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    fan_in: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
-        parts = x if isinstance(x, tuple) else (x,)
-        fan_in = sum(part.shape[-1] for part in parts)
-        init = torch_uniform_init(fan_in)
-        kernel = self.param("kernel", init, (fan_in, self.features))
-        y, start = None, 0
-        for part in parts:
-            term = _matmul(part, kernel[start:start + part.shape[-1]], self.dtype)
-            y = term if y is None else y + term
-            start += part.shape[-1]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = torch_uniform_init(self.fan_in or x.shape[-1])
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        y = _matmul(x, kernel, self.dtype)
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,)).astype(y.dtype)
         return y
+
+
+class CondProjection(nn.Module):
+    """A linear layer of concat(state_emb, time_emb), returned as its two terms.
+
+    (state_emb @ K_state + bias, time_emb @ K_time): the layer's output is their
+    sum. Kept apart because they vary along different axes: in the sampler the
+    state term is fixed across steps and the time term is shared by the batch,
+    so both are computed once before the loop (see models.Conditioning).
+    `fan_in` is the width of the whole layer's input, for PyTorch's init.
+    """
+
+    features: int
+    fan_in: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, state_emb: jax.Array, time_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        init = torch_uniform_init(self.fan_in)
+        n_state = state_emb.shape[-1]
+        kernel = self.param("kernel", init, (n_state + time_emb.shape[-1], self.features))
+        bias = self.param("bias", init, (self.features,))
+        state_term = _matmul(state_emb, kernel[:n_state], self.dtype) + bias.astype(self.dtype)
+        return state_term, _matmul(time_emb, kernel[n_state:], self.dtype)
 
 
 # Winograd / Toom-Cook interpolation points; the last one is infinity.
@@ -354,7 +371,7 @@ class ConvBlock(nn.Module):
 
 
 class FiLMResBlock(nn.Module):
-    """Two conv blocks with FiLM (scale, bias) from the conditioning between."""
+    """Two conv blocks with FiLM between: h * (1 + scale) + bias, film = [scale, bias]."""
 
     features: int
     kernel_size: int
@@ -362,10 +379,9 @@ class FiLMResBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond) -> jax.Array:
+    def __call__(self, x: jax.Array, film: jax.Array) -> jax.Array:
         h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(x)
-        film = Dense(2 * self.features, dtype=self.dtype)(cond)
-        scale, bias = jnp.split(film, 2, axis=-1)
+        scale, bias = jnp.split(film.astype(h.dtype), 2, axis=-1)
         h = h * (1.0 + scale[:, None, :]) + bias[:, None, :]
         h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(h)
         if x.shape[-1] != self.features:
@@ -373,10 +389,21 @@ class FiLMResBlock(nn.Module):
         return h + x
 
 
+def unet_block_features(down_dims: Sequence[int]) -> list[int]:
+    """Channel width of each FiLMResBlock of UNet1D, in the order it applies them."""
+    down = [f for f in down_dims for _ in range(2)]
+    mid = [down_dims[-1]] * 2
+    up = [f for f in reversed(down_dims[:-1]) for _ in range(2)]
+    return down + mid + up
+
+
 class UNet1D(nn.Module):
     """The published 1-D conditional U-Net; returns (B, L, down_dims[0]) features.
 
-    Like the reference, the skip connection of the first level is not consumed.
+    It takes the FiLM inputs of its blocks ((B, 2 * width) each, in the order of
+    unet_block_features) instead of the conditioning vector, so that a sampler
+    can compute them outside its loop. Like the reference, the skip connection
+    of the first level is not consumed.
     """
 
     down_dims: Sequence[int] = (64, 128, 256)
@@ -385,26 +412,29 @@ class UNet1D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, a: jax.Array, cond) -> jax.Array:
-        """cond: (B, D), or a tuple of parts of it (see Dense)."""
+    def __call__(self, a: jax.Array, films: Sequence[jax.Array]) -> jax.Array:
+        widths = unet_block_features(self.down_dims)
+        if len(films) != len(widths):
+            raise ValueError(f"UNet1D has {len(widths)} FiLM blocks, got {len(films)} inputs")
+        films = iter(films)
         res = lambda f: FiLMResBlock(f, self.kernel_size, self.n_groups, self.dtype)
         x = a
         skips = []
         n_levels = len(self.down_dims)
         for level, features in enumerate(self.down_dims):
-            x = res(features)(x, cond)
-            x = res(features)(x, cond)
+            x = res(features)(x, next(films))
+            x = res(features)(x, next(films))
             skips.append(x)
             if level < n_levels - 1:
                 x = Conv1D(features, 3, stride=2, dtype=self.dtype)(x)
         mid = self.down_dims[-1]
-        x = res(mid)(x, cond)
-        x = res(mid)(x, cond)
+        x = res(mid)(x, next(films))
+        x = res(mid)(x, next(films))
         for features in reversed(self.down_dims[:-1]):
             skip = skips.pop()
             x = jnp.concatenate([_match_length(x, skip.shape[1]), skip], axis=-1)
-            x = res(features)(x, cond)
-            x = res(features)(x, cond)
+            x = res(features)(x, next(films))
+            x = res(features)(x, next(films))
             x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour x2
             x = Conv1D(features, 3, dtype=self.dtype)(x)
         return _match_length(x, a.shape[1])

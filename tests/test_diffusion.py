@@ -7,14 +7,25 @@ import numpy as np
 
 from energyflow_jax import diffusion, training
 from helpers import gaussian_data, tiny_config
-from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.models import Conditioning, EnergyFlowModel
 
 MEAN, STD = 0.5, 0.2
 SCHEDULE = diffusion.VESchedule(sigma_min=0.01, sigma_max=5.0)
 
 
+class TimeConditioned:
+    """The sampler's view of a model: the time reaches score_given only
+    through the Conditioning it builds once for all steps, as in the network."""
+
+    def conditioning(self, params, s, t):
+        return Conditioning(state=(jnp.zeros((s.shape[0], 1)),), time=(t[:, None],))
+
+    def score_given(self, params, a, cond):
+        return self.score(params, a, None, cond[0][:, 0])
+
+
 @dataclasses.dataclass(frozen=True)
-class AnalyticGaussian:
+class AnalyticGaussian(TimeConditioned):
     """Stand-in model: c * the exact score of N(MEAN, STD^2) noised to time t."""
     action_shape: tuple = (1, 2)
 
@@ -24,7 +35,7 @@ class AnalyticGaussian:
 
 
 @dataclasses.dataclass(frozen=True)
-class AnalyticMixture:
+class AnalyticMixture(TimeConditioned):
     """Exact noised score of 0.5 N(-1, STD^2) + 0.5 N(+1, STD^2) per coordinate."""
     action_shape: tuple = (1, 1)
 
@@ -112,3 +123,22 @@ def test_sampler_returns_energy_at_gamma():
                                  n_steps=3, gamma=1e-3, return_energy=True)
     expected = model.energy(params, a, obs, jnp.full((5,), 1e-3))
     np.testing.assert_allclose(np.asarray(energy), np.asarray(expected), rtol=1e-5)
+
+
+def test_sampler_with_precomputed_conditioning_matches_per_step_scores():
+    """The sampler builds the conditioning once for all K times and picks row
+    k per step; that must be the Euler loop over model.score(a, s, t_k)."""
+    obs = jax.random.normal(jax.random.PRNGKey(3), (3, 2, 3))
+    n_steps, gamma = 4, 1e-3
+    dt = (SCHEDULE.T - gamma) / n_steps
+    for kind, arch in [("conservative", "unet"), ("free", "unet"), ("conservative", "mlp")]:
+        model = EnergyFlowModel.create(tiny_config(kind, arch).model, (2, 3), (4, 2))
+        params = model.init(jax.random.PRNGKey(0))
+        got = diffusion.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE, n_steps, gamma)
+        a = SCHEDULE.sigma_max * jax.random.normal(jax.random.PRNGKey(1), (3, 4, 2))
+        for k in range(n_steps):
+            t = jnp.full((3,), SCHEDULE.T - k * dt)
+            drift = 0.5 * SCHEDULE.dsigma2_dt(t)[:, None, None] * model.score(params, a, obs, t)
+            a = a + dt * drift
+        np.testing.assert_allclose(np.asarray(got), np.asarray(a), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{kind} {arch}")
