@@ -120,7 +120,8 @@ def test_bad_inputs_and_configs_give_clear_errors():
 
 
 def test_conv1d_paths_match_a_direct_convolution():
-    """Both lowerings (windows + dot; Winograd F(4, k)) equal lax's convolution."""
+    """Both lowerings (windows + dot; Winograd F(4, k)) equal lax's convolution,
+    and so does the batch-1 form of the windows."""
     small = networks.Conv1D(6, kernel_size=5)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
     params = small.init(jax.random.PRNGKey(1), x)
@@ -137,6 +138,7 @@ def test_conv1d_paths_match_a_direct_convolution():
             x, kernel, window_strides=(stride,), padding=[(k // 2, k // 2)],
             dimension_numbers=("NWC", "WIO", "NWC")) + params["params"]["bias"]
         np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(conv.apply(params, x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m,r", [(4, 5), (4, 3), (2, 3)])
