@@ -376,6 +376,40 @@ class StateEncoder(nn.Module):
         return softplus(Dense(self.dim, dtype=self.dtype)(h))
 
 
+class GroupNorm(nn.Module):
+    """flax's nn.GroupNorm over (B, L, C) (same parameters, same statistics),
+    with the per-group statistics spread to channels by a dot with a constant
+    0/1 (groups, channels) matrix instead of jnp.repeat.
+
+    XLA on CPU fuses a repeat (broadcast + reshape) into the elementwise
+    consumer, where its index arithmetic stops the loop vectorising: the
+    normalise -> Softplus -> FiLM fusion ran about 5x slower (0.87 against
+    0.15 ms at 256 x 4 x 256), about a tenth of the 256-chunk sampler.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, length, channels = x.shape
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide "
+                             f"{channels} channels")
+        size = channels // self.num_groups
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        groups = x32.reshape(batch, length, self.num_groups, size)
+        mean = groups.mean((1, 3))
+        # E[x^2] - E[x]^2, clipped at 0 against round-off, as flax's fast variance.
+        var = jnp.maximum(0.0, jnp.square(groups).mean((1, 3)) - jnp.square(mean))
+        spread = jnp.asarray(np.kron(np.eye(self.num_groups), np.ones((1, size))), x32.dtype)
+        mean_c = (mean @ spread)[:, None, :]
+        mul = (jax.lax.rsqrt(var + self.epsilon) @ spread)[:, None, :] * scale
+        return (x32 - mean_c) * mul + bias
+
+
 class ConvBlock(nn.Module):
     """Conv -> GroupNorm -> Softplus."""
 
@@ -387,7 +421,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = Conv1D(self.features, self.kernel_size, dtype=self.dtype)(x)
-        h = nn.GroupNorm(num_groups=self.n_groups, epsilon=1e-5)(h)
+        h = GroupNorm(num_groups=self.n_groups, epsilon=1e-5)(h)
         return softplus(h)
 
 
