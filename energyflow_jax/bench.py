@@ -1,10 +1,12 @@
-"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes float32,bfloat16]
+"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes float32,bfloat16] [--repeats 3]
 
 Times the published network and shapes (obs 2x39, chunk 16x4, batch 256):
 DSM train steps/s (AdamW, clipping, EMA included, as in the reference),
 PF-ODE sampling latency for 1 and 256 chunks (K = 20), and, when torch is
 importable, ../shared/bench/ref_torch.py in the same invocation, with ratios.
-On a GPU it also reports the fraction of the device's peak FLOP/s reached.
+Ours and the reference are measured in turn --repeats times; the figures
+and ratios are medians, and --json also lists every repeat. On a GPU it also
+reports the fraction of the device's peak FLOP/s reached.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import sys
 import time
 
 import jax
+import numpy as np
+import tqdm
 
 from energyflow_jax import diffusion, training
 from energyflow_jax.config import base_config
@@ -49,7 +53,8 @@ def _flops(jitted, *args) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def bench_ours(dtype: str, train_steps: int = 20, sample_reps: int = 10) -> dict:
+def setup_ours(dtype: str, train_steps: int = 20, sample_reps: int = 10):
+    """Build and compile our train chunk and sampler; returns measure() -> dict."""
     config = base_config()
     config.model.dtype = dtype
     model = EnergyFlowModel.create(config.model, OBS_SHAPE, ACTION_SHAPE)
@@ -74,30 +79,42 @@ def bench_ours(dtype: str, train_steps: int = 20, sample_reps: int = 10) -> dict
     t_compile = time.perf_counter()
     jax.block_until_ready(train_call())
     compile_s = time.perf_counter() - t_compile
-    train_sps = per_call / _time(train_call, max(train_steps // per_call, 1))
     # Cost analysis counts a scan body once, so count one unscanned step.
     single_step = jax.jit(lambda st, batch: training.train_step(model, tx, st, batch))
-    batch = training.sample_batch(data, rng, BATCH)
-    step_flops = _flops(single_step, holder["state"], batch)
+    step_flops = _flops(single_step, holder["state"], training.sample_batch(data, rng, BATCH))
 
-    params = holder["state"].ema_params
     schedule = training.HParams.from_config(config).schedule
     sampler = jax.jit(lambda p, o, r: diffusion.sample(model, p, o, r, schedule, 20, 1e-3))
     obs1, obs256 = data["obs"][:1], data["obs"][:BATCH]
-    # A window as long as the reference's (10 calls of ~0.2 s), so a short burst
-    # of memory-bandwidth contention from other tenants weighs no more here than there.
-    lat1 = _time(lambda: sampler(params, obs1, rng), sample_reps, min_seconds=2.0)
-    lat256 = _time(lambda: sampler(params, obs256, rng), 2)
-    return {
-        "impl": "energyflow-jax", "dtype": dtype, "backend": jax.default_backend(),
-        "devices": len(jax.devices()), "device_kind": jax.devices()[0].device_kind,
-        "train_steps_per_s_b256": round(train_sps, 3), "train_compile_s": round(compile_s, 1),
-        # XLA's count of the FLOPs the program executes (Winograd convolutions do
-        # about 2.5x fewer than the direct form).
-        "train_gflop_per_step": round(step_flops / 1e9, 2),
-        "train_achieved_tflops": round(step_flops * train_sps / 1e12, 3),
-        "sample_ms_b1_k20": round(lat1 * 1e3, 2), "sample_ms_b256_k20": round(lat256 * 1e3, 1),
-    }
+
+    def measure() -> dict:
+        train_sps = per_call / _time(train_call, max(train_steps // per_call, 1))
+        params = holder["state"].ema_params  # the chunk donates the previous state
+        # A window as long as the reference's (10 calls of ~0.2 s), so a short burst
+        # of memory-bandwidth contention from other tenants weighs no more here than there.
+        lat1 = _time(lambda: sampler(params, obs1, rng), sample_reps, min_seconds=2.0)
+        lat256 = _time(lambda: sampler(params, obs256, rng), 2)
+        return {
+            "impl": "energyflow-jax", "dtype": dtype, "backend": jax.default_backend(),
+            "devices": len(jax.devices()), "device_kind": jax.devices()[0].device_kind,
+            "train_steps_per_s_b256": round(train_sps, 3), "train_compile_s": round(compile_s, 1),
+            # XLA's count of the FLOPs the program executes (Winograd convolutions do
+            # about 2.5x fewer than the direct form).
+            "train_gflop_per_step": round(step_flops / 1e9, 2),
+            "train_achieved_tflops": round(step_flops * train_sps / 1e12, 3),
+            "sample_ms_b1_k20": round(lat1 * 1e3, 2), "sample_ms_b256_k20": round(lat256 * 1e3, 1),
+        }
+
+    return measure
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Field-wise median of repeated measurements (non-numeric fields from the first)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = round(float(np.median([r[key] for r in runs])), 3)
+    return out
 
 
 def peak_fraction(result: dict) -> float | None:
@@ -145,11 +162,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--ref", default=default_ref_path(), help="path to ref_torch.py")
     parser.add_argument("--no-ref", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating measurements of ours and the reference; "
+                             "figures are medians")
     parser.add_argument("--sweep", action="store_true",
                         help="also time an 8-member vmapped sweep against 8 sequential runs")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
-    results = {"ours": [bench_ours(d) for d in args.dtypes.split(",")], "targets": TARGETS}
+    want_ref = not args.no_ref and jax.default_backend() == "cpu"
+    measures = {d: setup_ours(d) for d in args.dtypes.split(",")}
+    # Ours and the reference alternate, and each figure is the median over the
+    # repeats: other tenants' load comes and goes within minutes on this CPU,
+    # and a one-shot pair can land on different sides of it.
+    runs = []
+    for _ in tqdm.trange(args.repeats, desc="bench repeats", disable=args.repeats == 1):
+        run = {"ours": [measure() for measure in measures.values()]}
+        run["ref_torch"] = bench_ref(args.ref, args.threads) if want_ref else None
+        if run["ref_torch"] is not None:
+            for r in run["ours"]:
+                r["vs_ref"] = ratios(r, run["ref_torch"])
+        runs.append(run)
+    results = {"ours": [median_result([run["ours"][i] for run in runs])
+                        for i in range(len(measures))],
+               "targets": TARGETS, "repeats": args.repeats}
+    refs = [run["ref_torch"] for run in runs if run["ref_torch"] is not None]
+    results["ref_torch"] = median_result(refs) if refs else None
+    for r in results["ours"]:
+        r.pop("vs_ref", None)
+        if results["ref_torch"] is not None:
+            r["vs_ref"] = ratios(r, results["ref_torch"])
+        frac = peak_fraction(r)
+        if frac is not None:
+            r["train_peak_flops_fraction"] = round(frac, 4)
+    if args.repeats > 1:
+        results["runs"] = runs
     if args.sweep:
         from energyflow_jax.sweep import bench_sweep
         # The published shapes, and a member of the shipped toy sweep
@@ -157,14 +205,6 @@ def main(argv=None) -> dict:
         results["sweep"] = bench_sweep()
         results["sweep_toy_member"] = bench_sweep(mlp_dims=(128, 128), obs_shape=(1, 2),
                                                   action_shape=(1, 2))
-    ref = None if args.no_ref or jax.default_backend() != "cpu" else bench_ref(args.ref, args.threads)
-    results["ref_torch"] = ref
-    for r in results["ours"]:
-        if ref is not None:
-            r["vs_ref"] = ratios(r, ref)
-        frac = peak_fraction(r)
-        if frac is not None:
-            r["train_peak_flops_fraction"] = round(frac, 4)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
