@@ -45,7 +45,7 @@ class Conditioning(NamedTuple):
         # Row k as a one-hot product, not t[k]: XLA on CPU fuses a dynamic
         # slice into every elementwise consumer, which then runs about 4x
         # slower (measured: the sampler's FiLM fusions at batch 256). The
-        # product is exact: every other row is multiplied by 0.
+        # product is exact for finite rows: every other row is multiplied by 0.
         return tuple(s + jax.nn.one_hot(k, t.shape[0], dtype=t.dtype) @ t
                      for s, t in zip(self.state, self.time))
 
