@@ -109,11 +109,17 @@ def setup_ours(dtype: str, train_steps: int = 20, sample_reps: int = 10):
 
 
 def median_result(runs: list[dict]) -> dict:
-    """Field-wise median of repeated measurements (non-numeric fields from the first)."""
-    out = dict(runs[0])
+    """Field-wise median of repeated measurements.
+
+    Fields equal in every run (dtype, devices, parameter count) keep their
+    value and type; per-run derived dicts (vs_ref) are left out.
+    """
+    out = {}
     for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = round(float(np.median([r[key] for r in runs])), 3)
+        if isinstance(value, dict):
+            continue
+        values = [r[key] for r in runs]
+        out[key] = value if len(set(values)) == 1 else round(float(np.median(values)), 3)
     return out
 
 
@@ -190,7 +196,6 @@ def main(argv=None) -> dict:
     refs = [run["ref_torch"] for run in runs if run["ref_torch"] is not None]
     results["ref_torch"] = median_result(refs) if refs else None
     for r in results["ours"]:
-        r.pop("vs_ref", None)
         if results["ref_torch"] is not None:
             r["vs_ref"] = ratios(r, results["ref_torch"])
         frac = peak_fraction(r)
