@@ -182,6 +182,30 @@ def test_winograd_conv_second_order_gradients_match_windows():
                                jax.grad(dsm_like(windows))(kernel), rtol=2e-4, atol=2e-4)
 
 
+def test_small_matmul_derivatives_match_a_plain_matmul():
+    """Its tangent rule is hand-written: first derivatives in both modes and the
+    DSM-style second-order gradient in the weights must equal x @ w's."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 20))
+    w = jax.random.normal(jax.random.PRNGKey(1), (20, 6)) / 4.0
+    v = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+
+    def loss(matmul):
+        return lambda x, w: jnp.sum(networks.softplus(matmul(x, w)) ** 2)
+
+    small, plain = loss(networks._small_matmul), loss(jnp.matmul)
+    for argnum in (0, 1):
+        np.testing.assert_allclose(jax.grad(small, argnum)(x, w), jax.grad(plain, argnum)(x, w),
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jvp(lambda x: small(x, w), (x,), (v,))[1],
+                               jax.jvp(lambda x: plain(x, w), (x,), (v,))[1], rtol=1e-5)
+
+    def dsm_like(f):
+        return lambda w: jnp.sum((jax.grad(f)(x, w) - v) ** 2)
+    expected = jax.grad(dsm_like(plain))(w)
+    assert float(jnp.max(jnp.abs(expected))) > 1e-3
+    np.testing.assert_allclose(jax.grad(dsm_like(small))(w), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_softplus_and_its_derivatives_match_jax():
     x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 601), jnp.array([-1e4, 1e4, 0.0])])
     np.testing.assert_allclose(networks.softplus(x), jax.nn.softplus(x), rtol=1e-6, atol=1e-6)
