@@ -68,17 +68,6 @@ def softplus(x: jax.Array) -> jax.Array:
 softplus.defjvp(lambda primals, tangents: (softplus(primals[0]), sigmoid(primals[0]) * tangents[0]))
 
 
-def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x @ w in the compute dtype, returning that dtype.
-
-    Returning the compute dtype (not float32) matters under bfloat16: the
-    cotangents flowing back are then bfloat16 too, so the backward and
-    second-order dots also run as bfloat16 matmuls (accumulated in float32 by
-    the backends) instead of falling back to float32 with converts.
-    """
-    return jnp.dot(x.astype(dtype), w.astype(dtype))
-
-
 # Up to this many rows the dot of _small_matmul's transposed form was faster
 # in a standalone chain of 1280 x 256 weights (2x at 4 rows, 1.3x at 16,
 # 1.08x at 64; a tie at 256).
@@ -116,6 +105,21 @@ def _small_matmul_jvp(primals, tangents):
     if not isinstance(dw, SymbolicZero):
         terms.append(x @ dw)
     return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x @ w in the compute dtype, returning that dtype.
+
+    Returning the compute dtype (not float32) matters under bfloat16: the
+    cotangents flowing back are then bfloat16 too, so the backward and
+    second-order dots also run as bfloat16 matmuls (accumulated in float32 by
+    the backends) instead of falling back to float32 with converts.
+    A float32 dot with at most SMALL_MATMUL_MAX_ROWS rows (batch-1 sampling)
+    is _small_matmul, whose cotangent streams the weights faster.
+    """
+    if jnp.dtype(dtype) == jnp.float32 and math.prod(x.shape[:-1]) <= SMALL_MATMUL_MAX_ROWS:
+        return _small_matmul(x.astype(dtype), w.astype(dtype))
+    return jnp.dot(x.astype(dtype), w.astype(dtype))
 
 
 def window_matrix(length: int, kernel_size: int, stride: int = 1) -> np.ndarray:
@@ -325,8 +329,6 @@ class Conv1D(nn.Module):
     Otherwise (batch-1 sampling, strided downsampling, bfloat16, whose
     rounding the Winograd transforms would amplify): shifted windows and one
     dot. Same parameters and, to float32 rounding, the same function either way.
-    With at most SMALL_MATMUL_MAX_ROWS rows (batch-1 sampling) that dot is
-    _small_matmul, whose cotangent streams the weights faster.
     """
 
     features: int
@@ -348,9 +350,6 @@ class Conv1D(nn.Module):
             windows = x
         else:
             windows = _shifted_windows(x, self.kernel_size, self.stride)
-        rows = math.prod(windows.shape[:-1])
-        if rows <= SMALL_MATMUL_MAX_ROWS and jnp.dtype(self.dtype) == jnp.float32:
-            return _small_matmul(windows, kernel) + bias
         return _matmul(windows, kernel, self.dtype) + bias.astype(self.dtype)
 
 
