@@ -117,9 +117,10 @@ def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     A float32 dot with at most SMALL_MATMUL_MAX_ROWS rows (batch-1 sampling)
     is _small_matmul, whose cotangent streams the weights faster.
     """
+    x, w = x.astype(dtype), w.astype(dtype)
     if jnp.dtype(dtype) == jnp.float32 and math.prod(x.shape[:-1]) <= SMALL_MATMUL_MAX_ROWS:
-        return _small_matmul(x.astype(dtype), w.astype(dtype))
-    return jnp.dot(x.astype(dtype), w.astype(dtype))
+        return _small_matmul(x, w)
+    return jnp.dot(x, w)
 
 
 def window_matrix(length: int, kernel_size: int, stride: int = 1) -> np.ndarray:
