@@ -21,6 +21,9 @@ EXPERIMENTS = {
     "sac": "energyflow_jax.sac_experiment:run",
 }
 
+# Where an experiment's report goes when it is not DIR/report.json.
+REPORT_FILES = {"capacity": "capacity.json"}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (sweeps/*.py[:preset]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
@@ -46,7 +49,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     report = run(_CONFIG.value, _WORKDIR.value)
     summary = {k: v for k, v in report.items() if k not in ("config",)}
-    print(f"report: {os.path.join(_WORKDIR.value, 'report.json')}")
+    report_file = REPORT_FILES.get(_CONFIG.value.experiment, "report.json")
+    print(f"report: {os.path.join(_WORKDIR.value, report_file)}")
     for key in sorted(summary):
         if not isinstance(summary[key], (dict, list)):
             print(f"  {key}: {summary[key]}")

@@ -158,13 +158,15 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
 
     t0 = time.perf_counter()
     dataset = make_dataset(episodes, config.data.obs_horizon, config.data.pred_horizon)
-    if run_io.is_main_process():
-        save_normalizers(os.path.join(workdir, NORMALIZERS_FILE), dataset.obs_normalizer,
-                         dataset.action_normalizer)
     model = EnergyFlowModel.create(
         config.model, obs_shape=(config.data.obs_horizon, demos.OBS_DIM),
         action_shape=(config.data.pred_horizon, demos.ACTION_DIM))
     state, info = fit(config, workdir, model, dataset.arrays())
+    # After fit, which refuses a workdir trained on other data: the normalizers
+    # of the model in this workdir are never replaced by another task's.
+    if run_io.is_main_process():
+        save_normalizers(os.path.join(workdir, NORMALIZERS_FILE), dataset.obs_normalizer,
+                         dataset.action_normalizer)
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -204,17 +204,6 @@ class EnergyFlowModel:
         """Scalar energy per sample, (B,). Conservative models only."""
         return self.energy_given(params, a, self.conditioning(params, s, t).combined())
 
-    def energy_and_score(self, params, a, s, t):
-        """(E, -dE/da)."""
-        cond = self.conditioning(params, s, t).combined()
-
-        def total(a_):
-            e = self.energy_given(params, a_, cond)
-            return e.sum(), e
-
-        (_, energy), grad = jax.value_and_grad(total, has_aux=True)(a)
-        return energy, -grad
-
     def score(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
         """The denoising field, (B, L, A)."""
         return self.score_given(params, a, self.conditioning(params, s, t).combined())

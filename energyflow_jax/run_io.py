@@ -68,6 +68,71 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
+RUN_SPEC_FILE = "run_spec.json"
+
+# Config keys a resumed run may change: they decide what is logged and
+# evaluated, and how steps are chunked, checkpointed and spread over devices,
+# not what is trained. (tasks/seeds/data.cache_dir: a multi-run's per-run
+# config carries the whole list; the run's own task shows in its data.)
+RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "train.num_devices",
+                     "train.distributed", "train.steps_per_chunk",
+                     "train.checkpoint_every_chunks", "train.max_checkpoints")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def data_fingerprint(arrays: dict) -> str:
+    """sha256 over each array's key, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        arr = np.ascontiguousarray(np.asarray(arrays[key]))
+        h.update(f"{key}{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resuming: bool,
+                 may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
+    """Refuse to resume a checkpoint trained under other settings or on other data.
+
+    A fresh run records its config and a fingerprint of its training data in
+    DIR/run_spec.json. A run that finds a checkpoint compares against that
+    record: reusing a workdir for another task or learning rate then fails
+    with the keys that differ, instead of silently continuing (or, when the
+    old run had finished, skipping) the old run. Shapes alone cannot catch
+    this: every Meta-World task has the same observation and action sizes.
+    """
+    flat = _flatten(json.loads(json.dumps(config_dict, default=_jsonable)))
+    spec = {"config": {k: v for k, v in flat.items()
+                       if not any(k == m or k.startswith(m + ".") for m in may_change)},
+            "data_sha256": data_sha256}
+    path = os.path.join(workdir, RUN_SPEC_FILE)
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        old, new = saved["config"], spec["config"]
+        changes = [f"  {k}: {old.get(k, '<absent>')!r} in the checkpointed run, "
+                   f"{new.get(k, '<absent>')!r} now"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if saved.get("data_sha256") != data_sha256:
+            changes.append("  the training data (another task, demo set or data seed)")
+        if changes:
+            raise ValueError(
+                f"{workdir} holds a checkpoint trained with other settings, so it cannot be "
+                "resumed by this run:\n" + "\n".join(changes) +
+                "\nUse a fresh --workdir, or the original settings to resume it.")
+    elif is_main_process():
+        write_json(path, spec)
+
+
 class MetricsWriter:
     """Appends to DIR/metrics.jsonl, and to TensorBoard / wandb when enabled."""
 

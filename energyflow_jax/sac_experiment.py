@@ -93,8 +93,8 @@ def reward_model_shapes(config, obs_dim: int, act_dim: int) -> tuple[tuple, tupl
     return (config.reward_model.data.obs_horizon, obs_dim), (1, act_dim)
 
 
-def check_saved_spec(model_dir: str, obs_shape: tuple, action_shape: tuple) -> None:
-    """Refuses a reward model saved for other shapes (another env, another obs_horizon)."""
+def check_saved_spec(model_dir: str, task: str, obs_shape: tuple, action_shape: tuple) -> None:
+    """Refuses a reward model saved for another task or other shapes (another obs_horizon)."""
     path = os.path.join(model_dir, SPEC_FILE)
     if not os.path.exists(path):
         return
@@ -107,6 +107,9 @@ def check_saved_spec(model_dir: str, obs_shape: tuple, action_shape: tuple) -> N
             f"action_shape={saved[1]} (obs_horizon, dim), but this run needs "
             f"obs_shape={tuple(obs_shape)}, action_shape={tuple(action_shape)}; use another "
             "reward.model_dir (or --workdir) or the reward model's obs_horizon")
+    if spec.get("task", task) != task:  # Meta-World tasks share shapes: compare names
+        raise ValueError(f"the reward model in {model_dir} was trained on {spec['task']}, but "
+                         f"this run is {task}; use another reward.model_dir (or --workdir)")
 
 
 def train_reward_model(config, model_dir: str, episodes: list[dict], task: str):
@@ -115,7 +118,7 @@ def train_reward_model(config, model_dir: str, episodes: list[dict], task: str):
     dataset = make_dataset(episodes, rm.data.obs_horizon, 1)
     obs_shape = tuple(dataset.obs.shape[1:])
     action_shape = tuple(dataset.actions.shape[1:])
-    check_saved_spec(model_dir, obs_shape, action_shape)
+    check_saved_spec(model_dir, task, obs_shape, action_shape)
     normalizer_path = os.path.join(model_dir, NORMALIZERS_FILE)
     if os.path.exists(normalizer_path):  # a resumed / shared model keeps its statistics
         obs_norm, act_norm = load_normalizers(normalizer_path)
@@ -363,7 +366,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir = reward_model_dir(config, workdir)
     obs_shape, action_shape = reward_model_shapes(config, obs_dim, act_dim)
     if needs_energy:  # a saved model for other shapes fails now, not after collecting demos
-        check_saved_spec(model_dir, obs_shape, action_shape)
+        check_saved_spec(model_dir, task, obs_shape, action_shape)
     os.makedirs(workdir, exist_ok=True)
     progress = bool(config.log.progress)
 

@@ -186,6 +186,10 @@ def _static_key(member_cfg) -> str:
     return json.dumps(d, sort_keys=True, default=list)
 
 
+def _vmapped_values(member_cfg) -> dict:
+    return {key: member_cfg[key.split(".")[0]][key.split(".")[1]] for key in VMAPPABLE}
+
+
 def group_members(members: list[Member]) -> list[Group]:
     """One group per distinct static config, in order of first appearance."""
     by_key: dict[str, list[Member]] = {}
@@ -193,7 +197,11 @@ def group_members(members: list[Member]) -> list[Group]:
         by_key.setdefault(_static_key(m.config), []).append(m)
     groups = []
     for key, ms in by_key.items():
-        ident = json.dumps([key, [[m.setting, m.seed] for m in ms]], sort_keys=True, default=list)
+        # Each member's vmapped values, not only its grid setting: a sweepable
+        # key overridden outside the grid must change the id too, or a re-run
+        # would resume (or report) the groups trained with the old value.
+        ident = json.dumps([key, [[_vmapped_values(m.config), m.seed] for m in ms]],
+                           sort_keys=True, default=list)
         gid = f"g{len(groups):02d}-" + hashlib.sha256(ident.encode()).hexdigest()[:10]
         groups.append(Group(gid, tuple(ms)))
     return groups
@@ -211,7 +219,8 @@ class MemberProgram(NamedTuple):
 def member_program(config, model: EnergyFlowModel) -> MemberProgram:
     """One member's training as pure functions. The step is exactly the one in
     `training.make_train_chunk` (same rng splits), so a member trained here
-    equals a single `train.fit` run with that member's config and seed."""
+    equals a single `train.fit` run with that member's config and seed on the
+    same data."""
     tx = training.make_optimizer(config.optim)
     batch_size = config.train.batch_size
 
@@ -300,11 +309,12 @@ class ToyTask:
     metrics = ("toy_spearman", "heldout_loss")
 
     @staticmethod
-    def data(config) -> tuple[dict, dict]:
-        # One dataset for the whole sweep (from the base seed), so members differ
-        # only in what they set and in their training seed.
+    def data(config, group_config) -> tuple[dict, dict]:
+        # Data from the sweep's base seed, so members differ only in what they
+        # set and in their training seed; the training set's size is the
+        # group's (a grid may set toy.n_samples), the held-out set is shared.
         make = _toy_dataset
-        train = make(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)
+        train = make(jax.random.PRNGKey(10_000 + config.seed), group_config.toy.n_samples)
         heldout = make(jax.random.PRNGKey(20_000 + config.seed), config.sweep.heldout_samples)
         return train, heldout
 
@@ -427,7 +437,7 @@ def train_group(config, workdir: str, group: Group,
     gdir = _group_dir(workdir, group.gid)
     gcfg = group.config
     fns = _programs(config, group)
-    train_data, _ = TASKS[config.sweep.task].data(config)
+    train_data, _ = TASKS[config.sweep.task].data(config, gcfg)
     train_data = jax.device_put(train_data, fns.replicated)
 
     rngs = jnp.stack([jax.random.PRNGKey(m.seed) for m in group.members])
@@ -479,7 +489,7 @@ def run_group(config, workdir: str, group: Group,
     t0 = time.perf_counter()
     state, start = train_group(config, workdir, group, on_chunk)
     fns = _programs(config, group)
-    _, heldout = TASKS[config.sweep.task].data(config)
+    _, heldout = TASKS[config.sweep.task].data(config, group.config)
     evaluations = fns.evaluate(group, state, heldout)
     members = []
     for i, (m, ev) in enumerate(zip(group.members, evaluations)):

@@ -44,6 +44,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         data: dict) -> tuple[training.TrainState, dict]:
     """Train (or resume) to config.optim.total_steps; returns (state, info)."""
     validate_data(data)
+    data_sha256 = run_io.data_fingerprint(data)
     mesh = training.make_mesh(config.train.num_devices or None)
     tx = training.make_optimizer(config.optim)
     state = training.TrainState.create(model, tx, training.HParams.from_config(config),
@@ -52,6 +53,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     data = training.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
     manager = run_io.checkpoint_manager(workdir, config.train.max_checkpoints)
+    run_io.check_resume(workdir, config.to_dict(), data_sha256,
+                        resuming=manager.latest_step() is not None)
     state, start_step = run_io.restore_latest(manager, state)
     total = config.optim.total_steps
     per_chunk = config.train.steps_per_chunk
@@ -64,9 +67,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     n_chunks = math.ceil(total / per_chunk)
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
                disable=not (config.log.progress and run_io.is_main_process()))
-    metrics = {}
+    # A finished run re-run trains nothing and reports its last logged metrics.
+    logged = [m for m in run_io.read_metrics(workdir) if m.get("step") == start_step]
+    metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
     step = start_step
-    for chunk_index in range(start_step // per_chunk, n_chunks):
+    first_chunk = start_step // per_chunk if start_step < total else n_chunks
+    for chunk_index in range(first_chunk, n_chunks):
         n = min(per_chunk, total - step)
         if n not in chunk_fns:  # the last chunk may be shorter: a second program
             chunk_fns[n] = training.make_train_chunk(model, tx, config.train.batch_size, n, mesh)

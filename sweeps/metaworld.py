@@ -1,8 +1,8 @@
 """Meta-World v3 imitation from scripted-expert demos.
 
   python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw          # CPU-sized
-  python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw \
-      --config.task=door-open-v3                                                    # any v3 task
+  python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw_door \
+      --config.task=door-open-v3                            # any v3 task, in its own workdir
   python -m energyflow_jax.main --config=sweeps/metaworld.py:paper --workdir=runs/mw_paper
   python -m energyflow_jax.main --config=sweeps/metaworld.py:paper --workdir=runs/mw_paper_free \
       --config.model.kind=free                        # the paper's comparison: free vector field
@@ -101,5 +101,4 @@ def get_config(preset=None):
         num_envs=0,               # envs stepped together; 0 -> all episodes at once
         n_plot=3,                 # rollout plots of the first episodes (level 0, first seed)
     ))
-    c.log.tensorboard = False
     return select_preset(c, PRESETS, preset)

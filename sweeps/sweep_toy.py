@@ -9,7 +9,7 @@ so each width is its own group.
       --config.sweep.ray_address=auto
 
 Presets: "default" (3 lr x 3 sigma_max x 2 widths x 3 seeds = 54 members in 2
-groups, the toy's full 3000 steps; an accelerator's job), "small" (CPU, a few
+groups, the toy's full 10k steps; an accelerator's job), "small" (CPU, a few
 minutes: 2 x 2 x 2 widths x 2 seeds, 600 steps), "tiny" (seconds; tests).
 """
 import importlib.util

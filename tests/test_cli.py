@@ -46,6 +46,12 @@ def test_run_report_resume_and_sigkill(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _report(full)["resumed_from_step"] == 60
     assert _report(full)["ema_params_sha256"] == report["ema_params_sha256"]
+    assert _report(full)["final_metrics"] == report["final_metrics"]
+
+    # The same workdir with another setting is refused, naming it; nothing is rewritten.
+    other = _run(full, "--config.optim.learning_rate=0.01")
+    assert other.returncode != 0 and "optim.learning_rate" in other.stderr
+    assert _report(full)["resumed_from_step"] == 60 and _metric_steps(full) == [10, 20, 30, 40, 50, 60]
 
     # SIGKILL after chunk 3; checkpoints every 2 chunks, so chunk 3 is lost
     # and redone. The resumed run must end bitwise identical.

@@ -158,6 +158,11 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert resumed_eval == full_eval
     assert _read_metrics(killed_dir) == _read_metrics(full_dir)  # log trimmed, then redone
 
+    # Other learner settings must not continue this run's checkpoint.
+    other = small_config(**{**config.to_dict(), "actor_lr": 1e-3})
+    with pytest.raises(ValueError, match="actor_lr"):
+        sac.train_sac(other, envs, DENSE, killed_dir, progress=False)
+
 
 def test_sac_learns_pendulum(tmp_path):
     # Random policy: about -1200. 6k env steps, 128-unit nets: ~1 minute on 2 cores.

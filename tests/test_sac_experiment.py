@@ -94,6 +94,20 @@ def test_mismatched_reward_model_refused_before_training(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["reward_model"]
 
 
+def test_reward_model_of_another_task_is_refused(tmp_path):
+    """Meta-World tasks share shapes: a saved reward model is matched by task name too."""
+    config = tiny_config()
+    model_dir = tmp_path / "reward_model"
+    model_dir.mkdir()
+    (model_dir / sac_experiment.SPEC_FILE).write_text(json.dumps(
+        {"task": "door-open-v3", "obs_shape": [config.reward_model.data.obs_horizon, 39],
+         "action_shape": [1, 4]}))
+    assert config.task != "door-open-v3"
+    with pytest.raises(ValueError, match="trained on door-open-v3"):
+        sac_experiment.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["reward_model"]
+
+
 def test_reward_built_for_other_env_is_refused():
     """An energy model built for 38-dim observations cannot score a 39-dim env."""
     import energyflow_jax.rewards as rewards

@@ -68,6 +68,25 @@ def test_expansion_and_grouping():
     assert len(sweep.group_members(sweep.expand(only_vmappable))) == 1
 
 
+def test_group_ids_and_data_follow_every_setting_that_changes_training():
+    """A sweepable key set outside the grid changes the group ids (a re-run in the
+    same workdir must not resume or report the old groups), and a grid over the
+    training set's size trains each group on its own size."""
+    grid = {"optim.learning_rate": (1e-3, 3e-3)}
+    base = [g.gid for g in sweep.group_members(sweep.expand(sweep_config(grid=grid)))]
+    for key, value in [("diffusion.sigma_min", 0.02), ("optim.ema_decay", 0.9)]:
+        other = sweep_config(grid=grid, **{key: value})
+        gids = [g.gid for g in sweep.group_members(sweep.expand(other))]
+        assert len(gids) == len(base) and not set(gids) & set(base), key
+
+    c = sweep_config(grid={"toy.n_samples": (64, 96)})
+    groups = sweep.group_members(sweep.expand(c))
+    sizes = [sweep.ToyTask.data(c, g.config)[0]["actions"].shape[0] for g in groups]
+    assert sizes == [64, 96]
+    heldout = [sweep.ToyTask.data(c, g.config)[1]["actions"] for g in groups]
+    np.testing.assert_array_equal(heldout[0], heldout[1])  # one held-out set for all
+
+
 @pytest.mark.parametrize("grid, settings, fragment", [
     ({"optim.learnig_rate": (1e-3,)}, (), "optim.learnig_rate"),
     ({"nosuch.key": (1,)}, (), "nosuch.key"),
@@ -105,7 +124,7 @@ def test_vmapped_members_match_separate_runs(tmp_path):
     if len(jax.local_devices()) > 1:
         assert len(together.step.sharding.device_set) == 2  # the member axis is split
 
-    data, _ = sweep.ToyTask.data(c)
+    data, _ = sweep.ToyTask.data(c, group.config)
     model = EnergyFlowModel.create(c.model, (1, 2), (1, 2))
     tx = training.make_optimizer(c.optim)
     chunk = training.make_train_chunk(model, tx, c.train.batch_size, 10, training.make_mesh(1))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from energyflow_jax import training
-from energyflow_jax.train import validate_data
-from helpers import tiny_config
+from energyflow_jax.train import fit, validate_data
+from helpers import gaussian_data, tiny_config
 from energyflow_jax.models import EnergyFlowModel
 
 
@@ -81,3 +81,32 @@ def test_bad_training_inputs_are_refused():
         training.make_train_chunk(model, tx, 15, 2, training.make_mesh(2))
     with pytest.raises(ValueError, match="only 2 devices"):
         training.make_mesh(3)
+
+
+def test_fit_reruns_a_finished_run_and_refuses_other_settings(tmp_path):
+    """Re-running a finished run (total_steps not a multiple of steps_per_chunk)
+    trains nothing and reports its last metrics; a checkpoint trained with other
+    settings or other data is refused with what differs; a change of
+    checkpoint cadence or logging is not."""
+    def config(**overrides):
+        c = tiny_config()
+        c.optim.total_steps, c.train.steps_per_chunk, c.train.batch_size = 25, 10, 16
+        for key, value in overrides.items():
+            section, leaf = key.split(".")
+            c[section][leaf] = value
+        return c
+
+    model = EnergyFlowModel.create(config().model, (1, 1), (1, 2))
+    data, workdir = gaussian_data(64), str(tmp_path)
+    state, info = fit(config(), workdir, model, data)
+    assert info["steps"] == 25 and info["resumed_from_step"] == 0
+    state2, again = fit(config(**{"train.checkpoint_every_chunks": 1, "log.progress": True}),
+                        workdir, model, data)
+    assert again["steps"] == 25 and again["resumed_from_step"] == 25
+    assert again["final_metrics"] == info["final_metrics"] and "loss" in info["final_metrics"]
+    chex.assert_trees_all_equal(state2.ema_params, state.ema_params)
+
+    with pytest.raises(ValueError, match=r"optim\.learning_rate: 0\.0001 .*, 0\.003 now"):
+        fit(config(**{"optim.learning_rate": 3e-3}), workdir, model, data)
+    with pytest.raises(ValueError, match="the training data"):
+        fit(config(), workdir, model, gaussian_data(64, seed=1))

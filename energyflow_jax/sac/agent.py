@@ -31,6 +31,7 @@ from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
 from energyflow_jax import rewards as rewards_lib
+from energyflow_jax import run_io
 from energyflow_jax.sac import replay as replay_lib
 from energyflow_jax.sac.networks import CriticEnsemble, TanhGaussianActor, Temperature
 
@@ -379,8 +380,13 @@ def _trim_metrics(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    run_io.atomic_write_text(path, "".join(kept))  # a kill mid-rewrite keeps the old log
+
+
+# SAC settings a resumed run may change: when it logs, evaluates and saves, and how
+# long it goes on (no schedule depends on the total).
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_episodes", "checkpoint_every",
+                     "max_checkpoints", "total_env_steps")
 
 
 def train_sac(
@@ -463,6 +469,13 @@ def train_sac(
             enable_async_checkpointing=False),
     )
     latest = manager.latest_step()
+    try:
+        run_io.check_resume(workdir, config.to_dict(), None, resuming=latest is not None,
+                            may_change=RESUME_MAY_CHANGE)
+    except ValueError:
+        manager.close()
+        envs.close()
+        raise
     if latest is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
