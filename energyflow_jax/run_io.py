@@ -57,10 +57,10 @@ def _jsonable(x):
     raise TypeError(f"not JSON serializable: {type(x)}")
 
 
-def params_fingerprint(params) -> str:
-    """sha256 over every leaf's path, dtype, shape and bytes."""
+def tree_fingerprint(tree) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes (params, data)."""
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         arr = np.asarray(jax.device_get(leaf))
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{arr.dtype}{arr.shape}".encode())
@@ -87,16 +87,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def data_fingerprint(arrays: dict) -> str:
-    """sha256 over each array's key, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        arr = np.ascontiguousarray(np.asarray(arrays[key]))
-        h.update(f"{key}{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resuming: bool,
@@ -133,6 +123,18 @@ def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resum
         write_json(path, spec)
 
 
+def drop_metrics_after(path: str, step: int) -> None:
+    """A run killed after logging but before checkpointing logged steps it
+    will redo; drop them (atomically) so the resumed log has each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
 class MetricsWriter:
     """Appends to DIR/metrics.jsonl, and to TensorBoard / wandb when enabled."""
 
@@ -144,7 +146,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._drop_lines_after(resume_step)
+        drop_metrics_after(self.path, resume_step)
         if log_config.tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -155,17 +157,6 @@ class MetricsWriter:
                 raise ImportError("log.wandb=True needs `pip install wandb`") from e
             self._wandb = wandb.init(project=log_config.wandb_project, config=config_dict,
                                      dir=workdir, resume="allow")
-
-    def _drop_lines_after(self, step: int) -> None:
-        """A run killed after logging but before checkpointing logged steps it
-        will redo; drop them so the resumed log has each step once."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

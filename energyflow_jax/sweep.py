@@ -378,10 +378,8 @@ def group_finished(workdir: str, gid: str) -> bool:
 
 def _append_metrics(path: str, step: int, metrics: dict, truncate_after: int | None) -> None:
     """Per-member metrics as lists; on resume, drop lines for steps that are redone."""
-    if truncate_after is not None and os.path.exists(path):
-        with open(path) as f:
-            kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= truncate_after]
-        run_io.atomic_write_text(path, "".join(kept))
+    if truncate_after is not None:
+        run_io.drop_metrics_after(path, truncate_after)
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, **{k: np.asarray(v).tolist()
                                              for k, v in metrics.items()}}) + "\n")
@@ -497,7 +495,7 @@ def run_group(config, workdir: str, group: Group,
                         "setting": m.setting, "seed": m.seed, "metrics": ev,
                         "steps": int(jax.device_get(state.step[i])),
                         "n_skipped_updates": int(jax.device_get(state.n_skipped[i])),
-                        "ema_params_sha256": run_io.params_fingerprint(
+                        "ema_params_sha256": run_io.tree_fingerprint(
                             unstack(state.ema_params, i))})
     result = {"gid": group.gid, "members": members, "resumed_from_step": start,
               "n_devices": fns.mesh.size, "wall_time_s": time.perf_counter() - t0}

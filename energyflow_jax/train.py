@@ -44,7 +44,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         data: dict) -> tuple[training.TrainState, dict]:
     """Train (or resume) to config.optim.total_steps; returns (state, info)."""
     validate_data(data)
-    data_sha256 = run_io.data_fingerprint(data)
+    data_sha256 = run_io.tree_fingerprint(data)
     mesh = training.make_mesh(config.train.num_devices or None)
     tx = training.make_optimizer(config.optim)
     state = training.TrainState.create(model, tx, training.HParams.from_config(config),
@@ -108,7 +108,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
 def write_report(workdir: str, config, state: training.TrainState, info: dict,
                  wall_time_s: float, **extra) -> dict:
     report = {"config": config.to_dict(), **info,
-              "ema_params_sha256": run_io.params_fingerprint(state.ema_params),
+              "ema_params_sha256": run_io.tree_fingerprint(state.ema_params),
               "wall_time_s": wall_time_s, **extra}
     if run_io.is_main_process():
         run_io.write_json(os.path.join(workdir, "report.json"), report)

@@ -374,15 +374,6 @@ def _learn(state: LoopState, transitions: Batch, reward: Any, num_updates: int,
     return state, rewards, metrics
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
-    """Drops log lines written after the checkpoint we resume from (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    run_io.atomic_write_text(path, "".join(kept))  # a kill mid-rewrite keeps the old log
-
-
 # SAC settings a resumed run may change: when it logs, evaluates and saves, and how
 # long it goes on (no schedule depends on the total).
 RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_episodes", "checkpoint_every",
@@ -479,7 +470,7 @@ def train_sac(
     if latest is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-        _trim_metrics(metrics_path, latest)
+        run_io.drop_metrics_after(metrics_path, latest)
     env_step = int(state.env_step)
     envs.episode_counts = np.asarray(state.episode_counts, np.int64)
     envs.reset_all()
