@@ -136,13 +136,18 @@ def default_ref_path() -> str:
                           os.path.join(repo, "..", "shared", "bench", "ref_torch.py"))
 
 
-def bench_ref(path: str, threads: int) -> dict | None:
-    """Run the PyTorch reference in a subprocess; None if torch or the file is missing."""
+def ref_unavailable(path: str) -> str | None:
+    """Why the PyTorch reference cannot run here, or None when it can."""
     if not os.path.exists(path):
-        return None
+        return f"{path} not found (pass --ref or set ENERGYFLOW_REF_TORCH)"
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
     if probe.returncode != 0:
-        return None
+        return "torch is not importable"
+    return None
+
+
+def bench_ref(path: str, threads: int) -> dict:
+    """Run the PyTorch reference in a subprocess (see ref_unavailable)."""
     out = subprocess.run([sys.executable, path, str(threads)], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -177,7 +182,14 @@ def main(argv=None) -> dict:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
-    want_ref = not args.no_ref and jax.default_backend() == "cpu"
+    if args.no_ref:
+        ref_skipped = "--no-ref"
+    elif jax.default_backend() != "cpu":
+        ref_skipped = f"the reference is timed on the CPU only (backend: {jax.default_backend()})"
+    else:
+        ref_skipped = ref_unavailable(args.ref)
+    if ref_skipped:  # said up front, so that a run without ratios is not mistaken for one with
+        print(f"bench: not timing the PyTorch reference: {ref_skipped}", file=sys.stderr)
     measures = {d: setup_ours(d) for d in args.dtypes.split(",")}
     # Ours and the reference alternate, and each figure is the median over the
     # repeats: other tenants' load comes and goes within minutes on this CPU,
@@ -185,14 +197,14 @@ def main(argv=None) -> dict:
     runs = []
     for _ in tqdm.trange(args.repeats, desc="bench repeats", disable=args.repeats == 1):
         run = {"ours": [measure() for measure in measures.values()]}
-        run["ref_torch"] = bench_ref(args.ref, args.threads) if want_ref else None
+        run["ref_torch"] = None if ref_skipped else bench_ref(args.ref, args.threads)
         if run["ref_torch"] is not None:
             for r in run["ours"]:
                 r["vs_ref"] = ratios(r, run["ref_torch"])
         runs.append(run)
     results = {"ours": [median_result([run["ours"][i] for run in runs])
                         for i in range(len(measures))],
-               "targets": TARGETS, "repeats": args.repeats}
+               "targets": TARGETS, "repeats": args.repeats, "ref_skipped": ref_skipped}
     refs = [run["ref_torch"] for run in runs if run["ref_torch"] is not None]
     results["ref_torch"] = median_result(refs) if refs else None
     for r in results["ours"]:
