@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 def is_main_process() -> bool:
@@ -79,16 +80,6 @@ RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "train.n
                      "train.checkpoint_every_chunks", "train.max_checkpoints")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resuming: bool,
                  may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
     """Refuse to resume a checkpoint trained under other settings or on other data.
@@ -100,7 +91,8 @@ def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resum
     old run had finished, skipping) the old run. Shapes alone cannot catch
     this: every Meta-World task has the same observation and action sizes.
     """
-    flat = _flatten(json.loads(json.dumps(config_dict, default=_jsonable)))
+    flat = traverse_util.flatten_dict(json.loads(json.dumps(config_dict, default=_jsonable)),
+                                      sep=".")
     spec = {"config": {k: v for k, v in flat.items()
                        if not any(k == m or k.startswith(m + ".") for m in may_change)},
             "data_sha256": data_sha256}

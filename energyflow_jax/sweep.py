@@ -187,7 +187,7 @@ def _static_key(member_cfg) -> str:
 
 
 def _vmapped_values(member_cfg) -> dict:
-    return {key: member_cfg[key.split(".")[0]][key.split(".")[1]] for key in VMAPPABLE}
+    return {key: member_cfg[key] for key in VMAPPABLE}  # ConfigDict reads dotted keys
 
 
 def group_members(members: list[Member]) -> list[Group]:

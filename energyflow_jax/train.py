@@ -68,11 +68,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
                disable=not (config.log.progress and run_io.is_main_process()))
     # A finished run re-run trains nothing and reports its last logged metrics.
-    logged = [m for m in run_io.read_metrics(workdir) if m.get("step") == start_step]
+    finished = start_step >= total
+    logged = ([m for m in run_io.read_metrics(workdir) if m.get("step") == start_step]
+              if finished else [])
     metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
     step = start_step
-    first_chunk = start_step // per_chunk if start_step < total else n_chunks
-    for chunk_index in range(first_chunk, n_chunks):
+    for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
         n = min(per_chunk, total - step)
         if n not in chunk_fns:  # the last chunk may be shorter: a second program
             chunk_fns[n] = training.make_train_chunk(model, tx, config.train.batch_size, n, mesh)
