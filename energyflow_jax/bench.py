@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import tqdm
 
-from energyflow_jax import diffusion, training
+from energyflow_jax import training, xla_cpu
+from energyflow_jax.objectives import dsm
 from energyflow_jax.config import base_config
 from energyflow_jax.models import EnergyFlowModel
 
@@ -84,7 +85,7 @@ def setup_ours(dtype: str, train_steps: int = 20, sample_reps: int = 10):
     step_flops = _flops(single_step, holder["state"], training.sample_batch(data, rng, BATCH))
 
     schedule = training.HParams.from_config(config).schedule
-    sampler = jax.jit(lambda p, o, r: diffusion.sample(model, p, o, r, schedule, 20, 1e-3))
+    sampler = jax.jit(lambda p, o, r: dsm.sample(model, p, o, r, schedule, 20, 1e-3))
     obs1, obs256 = data["obs"][:1], data["obs"][:BATCH]
 
     def measure() -> dict:
@@ -216,7 +217,7 @@ def main(argv=None) -> dict:
     if args.repeats > 1:
         results["runs"] = runs
     if args.sweep:
-        from energyflow_jax.sweep import bench_sweep
+        from energyflow_jax.sweep.runner import bench_sweep
         # The published shapes, and a member of the shipped toy sweep
         # (sweeps/sweep_toy.py: MLP (128, 128) on 2-D states and actions).
         results["sweep"] = bench_sweep()
@@ -249,4 +250,5 @@ def _print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
+    xla_cpu.configure()  # before JAX starts its backend: the measured CPU setting
     main()

@@ -1,8 +1,14 @@
-"""The shared config schema. Files under sweeps/ start from `base_config()`,
-override what their task needs, pick a preset, and return a locked ConfigDict
-so a misspelt key fails loudly with the key's name.
+"""The shared config schema, and loading config files from Python.
+
+Files under sweeps/ start from `base_config()`, override what their task needs,
+pick a preset, and return a locked ConfigDict so a misspelt key fails loudly
+with the key's name. `load("sweeps/metaworld.py:tiny", overrides)` gives the
+same config as the command line does.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 
@@ -57,4 +63,51 @@ def select_preset(config: ml_collections.ConfigDict, presets: dict, name: str | 
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     presets[name](config)
     config.lock()
+    return config
+
+
+def _config_path(path: str) -> str:
+    """`path` as given, else relative to the repository that holds sweeps/
+    (so `load("sweeps/toy.py")` works from any directory of an editable install)."""
+    if os.path.exists(path):
+        return path
+    beside_package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    if os.path.exists(beside_package):
+        return beside_package
+    raise FileNotFoundError(f"config file {path!r} not found (looked in {os.getcwd()} and "
+                            f"{os.path.dirname(beside_package)})")
+
+
+def load_module(path: str):
+    """The config file at `path` (sweeps/*.py) as a module; sweeps/ is not a package."""
+    path = _config_path(path)
+    name = "_energyflow_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config(preset) function")
+    return module
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """The locked config named by "path.py[:preset]", with `overrides` applied.
+
+    `overrides` maps dotted keys to values, as on the command line
+    (`{"optim.total_steps": 500}`); a key the config does not have raises
+    KeyError naming it, and a value of the wrong type raises TypeError.
+    """
+    path, _, preset = spec.partition(":")
+    config = load_module(path).get_config(preset or None)
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        node, leaf = config, parts[-1]
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise KeyError(f"config has no key {'.'.join(parts[:i + 1])!r} "
+                               f"(override {key!r})")
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(f"config has no key {key!r}")
+        setattr(node, leaf, value)
     return config

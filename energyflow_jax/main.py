@@ -12,13 +12,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from energyflow_jax import xla_cpu
+
 # experiment name -> "module:function" taking (config, workdir) and returning the report.
 EXPERIMENTS = {
-    "toy": "energyflow_jax.train:train_and_evaluate",
-    "sweep": "energyflow_jax.sweep:run",
-    "metaworld": "energyflow_jax.metaworld_experiment:run",
-    "capacity": "energyflow_jax.capacity.experiment:run",
-    "sac": "energyflow_jax.sac_experiment:run",
+    "toy": "energyflow_jax.experiments.toy:train_and_evaluate",
+    "sweep": "energyflow_jax.sweep.runner:run",
+    "metaworld": "energyflow_jax.experiments.imitation:run",
+    "capacity": "energyflow_jax.experiments.capacity:run",
+    "sac": "energyflow_jax.experiments.sac:run",
 }
 
 # Where an experiment's report goes when it is not DIR/report.json.
@@ -57,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_cpu.configure()  # before JAX starts its backend; the library itself sets nothing
     app.run(main)

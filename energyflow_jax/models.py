@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from energyflow_jax import networks
+from energyflow_jax.nn import layers
 
 KINDS = ("conservative", "free")
 ARCHS = ("unet", "mlp")
@@ -73,30 +73,30 @@ class ConditionalNetwork(nn.Module):
     dtype: Any
 
     def setup(self):
-        self.state_encoder = networks.StateEncoder(self.state_emb_dim, self.dtype)
-        self.time_embedding = networks.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)
+        self.state_encoder = layers.StateEncoder(self.state_emb_dim, self.dtype)
+        self.time_embedding = layers.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)
         cond_dim = self.state_emb_dim + self.time_emb_dim
         action_size = math.prod(self.action_shape)
         if self.arch == "unet":
-            self.unet = networks.UNet1D(self.down_dims, self.kernel_size, self.n_groups, self.dtype)
-            self.cond_layers = [networks.CondProjection(2 * f, cond_dim, self.dtype)
-                                for f in networks.unet_block_features(self.down_dims)]
+            self.unet = layers.UNet1D(self.down_dims, self.kernel_size, self.n_groups, self.dtype)
+            self.cond_layers = [layers.CondProjection(2 * f, cond_dim, self.dtype)
+                                for f in layers.unet_block_features(self.down_dims)]
             if self.kind == "free":
-                self.field_out = networks.Conv1D(self.action_shape[-1], 1, dtype=self.dtype)
+                self.field_out = layers.Conv1D(self.action_shape[-1], 1, dtype=self.dtype)
         else:
             # The first MLP layer reads concat(a, state_emb, time_emb): its
             # action part is mlp_in, its conditioning part cond_layers[0].
             fan_in = action_size + cond_dim
-            self.cond_layers = [networks.CondProjection(self.mlp_dims[0], fan_in, self.dtype)]
-            self.mlp_in = networks.Dense(self.mlp_dims[0], use_bias=False, dtype=self.dtype,
+            self.cond_layers = [layers.CondProjection(self.mlp_dims[0], fan_in, self.dtype)]
+            self.mlp_in = layers.Dense(self.mlp_dims[0], use_bias=False, dtype=self.dtype,
                                          fan_in=fan_in)
-            self.mlp_hidden = [networks.Dense(w, dtype=self.dtype) for w in self.mlp_dims[1:]]
+            self.mlp_hidden = [layers.Dense(w, dtype=self.dtype) for w in self.mlp_dims[1:]]
             if self.kind == "free":
-                self.field_out = networks.Dense(action_size)
+                self.field_out = layers.Dense(action_size)
         if self.kind == "conservative":
             # Spectral normalization keeps the head's Lipschitz constant at 1,
             # which is what the capacity bound (Theorem 3.6) leans on.
-            layer = networks.SpectralDense if self.spectral_norm else networks.Dense
+            layer = layers.SpectralDense if self.spectral_norm else layers.Dense
             self.head = [layer(w) for w in self.head_dims] + [layer(1, use_bias=False)]
 
     def __call__(self, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
@@ -116,15 +116,15 @@ class ConditionalNetwork(nn.Module):
                 return self.field_out(features)
             pooled = features.astype(jnp.float32).mean(axis=1)
         else:
-            h = networks.softplus(self.mlp_in(a.reshape(a.shape[0], -1)) + cond[0])
+            h = layers.softplus(self.mlp_in(a.reshape(a.shape[0], -1)) + cond[0])
             for layer in self.mlp_hidden:
-                h = networks.softplus(layer(h))
+                h = layers.softplus(layer(h))
             if self.kind == "free":
                 return self.field_out(h).reshape(a.shape)
             pooled = h.astype(jnp.float32)
         h = pooled
         for layer in self.head[:-1]:
-            h = networks.softplus(layer(h))
+            h = layers.softplus(layer(h))
         return self.head[-1](h)[:, 0]
 
 

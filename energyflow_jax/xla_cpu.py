@@ -1,4 +1,4 @@
-"""The XLA CPU flag energyflow_jax sets when it is imported.
+"""The XLA CPU flag the CLI and the benchmark set before JAX starts.
 
 jaxlib 0.10.2 hands dots and reductions to YNNPACK by default on CPU. Its
 reductions (GroupNorm statistics here) are slower than XLA's own: keeping
@@ -7,7 +7,7 @@ about 5% faster on our 2-core machine, with scores equal to 2e-6 relative
 (measured with `python -m energyflow_jax.bench`).
 
 XLA reads XLA_FLAGS when JAX first starts its backend, so this only takes
-effect if energyflow_jax is imported before the first JAX computation. The
+effect if configure() runs before the first JAX computation. The
 flag is experimental and XLA aborts on flags it does not know, so it is only
 set for the jaxlib it was measured with; a ynn_fusion_type the user set
 wins, and ENERGYFLOW_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS alone.

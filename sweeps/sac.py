@@ -37,9 +37,9 @@ raw +0.91, centered -0.44; along random-policy trajectories raw -0.42, centered 
 """
 import ml_collections
 
-from energyflow_jax import airl
+from energyflow_jax.rewards import airl
 from energyflow_jax.config import base_config, select_preset
-from energyflow_jax.sac import agent as sac
+from energyflow_jax.rl.sac import agent as sac
 
 
 def reward_model_config() -> ml_collections.ConfigDict:

@@ -12,19 +12,12 @@ Presets: "default" (3 lr x 3 sigma_max x 2 widths x 3 seeds = 54 members in 2
 groups, the toy's full 10k steps; an accelerator's job), "small" (CPU, a few
 minutes: 2 x 2 x 2 widths x 2 seeds, 600 steps), "tiny" (seconds; tests).
 """
-import importlib.util
 import os
 
-from energyflow_jax.sweep import add_sweep_section, sweep_grid
+from energyflow_jax import config as config_lib
+from energyflow_jax.sweep.runner import add_sweep_section, sweep_grid
 
-
-def _task_config_module():
-    """sweeps/toy.py, the task's own config (sweeps/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py")
-    spec = importlib.util.spec_from_file_location("_energyflow_sweeps_toy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TASK_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py")
 
 
 def _default(c):
@@ -71,7 +64,7 @@ def get_config(preset=None):
     name = preset or "default"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    c = _task_config_module().get_config("default")  # locked; unlock a copy to add the sweep section
+    c = config_lib.load(TASK_CONFIG)  # locked; unlock a copy to add the sweep section
     c = c.copy_and_resolve_references()
     c.unlock()
     c.log.tensorboard = False

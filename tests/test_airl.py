@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energyflow_jax import airl, rewards
-from energyflow_jax.sac import agent as sac
+from energyflow_jax.rewards import airl
+from energyflow_jax.rewards import energy as rewards
+from energyflow_jax.rl.sac import agent as sac
 
 
 def toy_inputs(rng, n, expert: bool):

@@ -1,7 +1,6 @@
 """Capacity experiment: Rademacher estimator, field classes, constraints, sweep output."""
 
 import functools
-import importlib.util
 import json
 import math
 import pathlib
@@ -11,16 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax.capacity import experiment, generalization, rademacher
+from energyflow_jax import config as config_lib
+from energyflow_jax.capacity import generalization, rademacher
+from energyflow_jax.experiments import capacity as experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_sweep_config(preset):
-    spec = importlib.util.spec_from_file_location("capacity_sweep_config", REPO / "sweeps" / "capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return config_lib.load(f"sweeps/capacity.py:{preset}")
 
 
 def test_estimator_matches_closed_form_on_linear_classes():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax.data.dataset import (
+from energyflow_jax.data.windows import (
     Dataset,
     Normalizer,
     make_dataset,

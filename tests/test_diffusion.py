@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energyflow_jax import diffusion, training
+from energyflow_jax import training
+from energyflow_jax.objectives import dsm
 from helpers import gaussian_data, tiny_config
 from energyflow_jax.models import Conditioning, EnergyFlowModel
 
 MEAN, STD = 0.5, 0.2
-SCHEDULE = diffusion.VESchedule(sigma_min=0.01, sigma_max=5.0)
+SCHEDULE = dsm.VESchedule(sigma_min=0.01, sigma_max=5.0)
 
 
 class TimeConditioned:
@@ -51,7 +52,7 @@ def test_dsm_loss_is_minimised_by_the_analytic_score():
     batch = gaussian_data(200_000, MEAN, STD)
     rng = jax.random.PRNGKey(0)
     cs = np.array([0.8, 0.9, 1.0, 1.1, 1.2])
-    losses = np.array([float(diffusion.dsm_loss(model, c, batch, rng, SCHEDULE)) for c in cs])
+    losses = np.array([float(dsm.dsm_loss(model, c, batch, rng, SCHEDULE)) for c in cs])
     assert np.argmin(losses) == 2, losses
     quad = np.polyfit(cs, losses, 2)
     assert abs(-quad[1] / (2 * quad[0]) - 1.0) < 0.03, losses
@@ -94,18 +95,18 @@ def test_sampler_reproduces_gaussian_and_mixture():
     # to the prior's offset: a_T ~ N(0, sigma_max^2) is centred at 0, not at
     # MEAN, and the flow shrinks that offset by STD / sqrt(STD^2 + sigma_max^2).
     expected_mean = MEAN * (1 - STD / np.sqrt(STD ** 2 + SCHEDULE.sigma_max ** 2))
-    a = diffusion.sample(AnalyticGaussian(), 1.0, obs, jax.random.PRNGKey(0), SCHEDULE,
+    a = dsm.sample(AnalyticGaussian(), 1.0, obs, jax.random.PRNGKey(0), SCHEDULE,
                          n_steps=400, gamma=1e-3)
     np.testing.assert_allclose(np.asarray(a.mean(axis=(0, 1))), expected_mean, atol=0.006)
     np.testing.assert_allclose(np.asarray(a.std(axis=(0, 1))), STD, rtol=0.05)
     # The published K = 20 keeps the mean but contracts the spread: each Euler
     # step shrinks deviations more than the exact flow does (a "cold" sampler).
-    a20 = diffusion.sample(AnalyticGaussian(), 1.0, obs, jax.random.PRNGKey(0), SCHEDULE,
+    a20 = dsm.sample(AnalyticGaussian(), 1.0, obs, jax.random.PRNGKey(0), SCHEDULE,
                            n_steps=20, gamma=1e-3)
     np.testing.assert_allclose(np.asarray(a20.mean(axis=(0, 1))), MEAN, atol=0.025)
     assert 0.3 * STD < float(a20.std()) < 0.8 * STD
 
-    a = np.asarray(diffusion.sample(AnalyticMixture(), None, obs, jax.random.PRNGKey(1),
+    a = np.asarray(dsm.sample(AnalyticMixture(), None, obs, jax.random.PRNGKey(1),
                                     SCHEDULE, n_steps=400, gamma=1e-3)).ravel()
     right = a > 0
     assert abs(right.mean() - 0.5) < 0.05
@@ -119,7 +120,7 @@ def test_sampler_returns_energy_at_gamma():
     model = EnergyFlowModel.create(c.model, (2, 3), (4, 2))
     params = model.init(jax.random.PRNGKey(0))
     obs = jnp.ones((5, 2, 3))
-    a, energy = diffusion.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE,
+    a, energy = dsm.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE,
                                  n_steps=3, gamma=1e-3, return_energy=True)
     expected = model.energy(params, a, obs, jnp.full((5,), 1e-3))
     np.testing.assert_allclose(np.asarray(energy), np.asarray(expected), rtol=1e-5)
@@ -134,7 +135,7 @@ def test_sampler_with_precomputed_conditioning_matches_per_step_scores():
     for kind, arch in [("conservative", "unet"), ("free", "unet"), ("conservative", "mlp")]:
         model = EnergyFlowModel.create(tiny_config(kind, arch).model, (2, 3), (4, 2))
         params = model.init(jax.random.PRNGKey(0))
-        got = diffusion.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE, n_steps, gamma)
+        got = dsm.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE, n_steps, gamma)
         a = SCHEDULE.sigma_max * jax.random.normal(jax.random.PRNGKey(1), (3, 4, 2))
         for k in range(n_steps):
             t = jnp.full((3,), SCHEDULE.T - k * dt)

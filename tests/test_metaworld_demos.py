@@ -8,7 +8,7 @@ import chex
 import numpy as np
 import pytest
 
-from energyflow_jax.data import metaworld_demos as md
+from energyflow_jax.data import metaworld as md
 
 TASK = "button-press-v3"
 MAX_STEPS = 150  # button-press experts succeed in ~60 steps

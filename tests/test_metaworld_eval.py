@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from energyflow_jax.data import metaworld_demos as md
+from energyflow_jax.data import metaworld as md
 from energyflow_jax.evaluation import metaworld_eval as me
 
 TASK = "button-press-v3"

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax import diffusion, metaworld_experiment as mwx
-from energyflow_jax.data import metaworld_demos as md
-from energyflow_jax.data.dataset import Normalizer
+from energyflow_jax.experiments import imitation as mwx
+from energyflow_jax.objectives import dsm
+from energyflow_jax.data import metaworld as md
+from energyflow_jax.data.windows import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def test_policy_chunks_have_env_shape_and_range(kind):
     obs_horizon, pred_horizon = config.data.obs_horizon, config.data.pred_horizon
     model = EnergyFlowModel.create(config.model, (obs_horizon, md.OBS_DIM), (pred_horizon, md.ACTION_DIM))
     params = model.init(jax.random.PRNGKey(0))
-    schedule = diffusion.VESchedule.from_config(config.diffusion)
+    schedule = dsm.VESchedule.from_config(config.diffusion)
     policy = mwx.make_policy(model, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma)
     # A large action std makes unnormalized chunks overflow [-1, 1] before clipping.
     obs_norm = Normalizer(jnp.zeros(md.OBS_DIM), jnp.ones(md.OBS_DIM))

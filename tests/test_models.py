@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config, tiny_model
 
-from energyflow_jax import networks
+from energyflow_jax.nn import kernels, layers
 from energyflow_jax.models import EnergyFlowModel
 
 
@@ -26,7 +26,7 @@ def _score_jacobian(model, params, a, s, t):
 
 # Batch 1 runs the U-Net's convolutions in the window form, a large batch in Winograd form.
 @pytest.mark.parametrize("arch,batch", [("mlp", 1), ("unet", 1),
-                                        ("unet", networks.WINOGRAD_MIN_BATCH)])
+                                        ("unet", kernels.WINOGRAD_MIN_BATCH)])
 def test_conservative_score_has_symmetric_jacobian_and_free_does_not(arch, batch):
     for kind in ("conservative", "free"):
         model = tiny_model(kind, arch)
@@ -74,7 +74,7 @@ def test_unet_handles_odd_horizons_and_bfloat16():
 
 
 def test_spectral_dense_has_unit_spectral_norm():
-    layer = networks.SpectralDense(24)
+    layer = layers.SpectralDense(24)
     x = jnp.ones((2, 40))
     params = layer.init(jax.random.PRNGKey(0), x)
     kernel = params["params"]["kernel"] * 5.0  # any scale: normalization removes it
@@ -122,16 +122,16 @@ def test_bad_inputs_and_configs_give_clear_errors():
 def test_conv1d_paths_match_a_direct_convolution():
     """Both lowerings (windows + dot; Winograd F(4, k)) equal lax's convolution,
     and so does the batch-1 form of the windows."""
-    small = networks.Conv1D(6, kernel_size=5)
+    small = layers.Conv1D(6, kernel_size=5)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
     params = small.init(jax.random.PRNGKey(1), x)
-    big_x = jnp.tile(x, (networks.WINOGRAD_MIN_BATCH // 2, 1, 1))
+    big_x = jnp.tile(x, (kernels.WINOGRAD_MIN_BATCH // 2, 1, 1))
     np.testing.assert_allclose(small.apply(params, big_x)[:2], small.apply(params, x),
                                rtol=1e-5, atol=1e-5)
     for length, stride, k in [(4, 1, 5), (5, 1, 5), (8, 1, 5), (16, 1, 5), (2, 1, 5), (7, 1, 3),
                               (16, 1, 3), (16, 2, 5), (3, 2, 5)]:
-        conv = networks.Conv1D(6, kernel_size=k, stride=stride)
-        x = jax.random.normal(jax.random.PRNGKey(length), (networks.WINOGRAD_MIN_BATCH, length, 3))
+        conv = layers.Conv1D(6, kernel_size=k, stride=stride)
+        x = jax.random.normal(jax.random.PRNGKey(length), (kernels.WINOGRAD_MIN_BATCH, length, 3))
         params = conv.init(jax.random.PRNGKey(1), x)
         kernel = params["params"]["kernel"].reshape(k, 3, 6)  # (k, C, N) = WIO
         expected = jax.lax.conv_general_dilated(
@@ -143,7 +143,7 @@ def test_conv1d_paths_match_a_direct_convolution():
 
 @pytest.mark.parametrize("m,r", [(4, 5), (4, 3), (2, 3)])
 def test_winograd_matrices_compute_correlation_exactly(m, r):
-    a_t, g, b_t = networks.winograd_matrices(m, r)
+    a_t, g, b_t = kernels.winograd_matrices(m, r)
     rng = np.random.default_rng(0)
     d, w = rng.normal(size=m + r - 1), rng.normal(size=r)
     expected = np.array([d[i:i + r] @ w for i in range(m)])
@@ -152,7 +152,7 @@ def test_winograd_matrices_compute_correlation_exactly(m, r):
 
 @pytest.mark.parametrize("length,r", [(1, 5), (2, 5), (3, 3), (4, 5), (4, 3)])
 def test_short_sequence_matrices_compute_padded_correlation_in_2l_minus_1_products(length, r):
-    a_t, g, b_t = networks.short_sequence_matrices(length, r)
+    a_t, g, b_t = kernels.short_sequence_matrices(length, r)
     assert b_t.shape == (2 * length - 1, length)
     rng = np.random.default_rng(length)
     x, w = rng.normal(size=length), rng.normal(size=r)
@@ -163,20 +163,20 @@ def test_short_sequence_matrices_compute_padded_correlation_in_2l_minus_1_produc
 
 def test_winograd_conv_second_order_gradients_match_windows():
     """The DSM gradient differentiates through the score: both lowerings must agree there."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (networks.WINOGRAD_MIN_BATCH, 8, 3))
+    x = jax.random.normal(jax.random.PRNGKey(0), (kernels.WINOGRAD_MIN_BATCH, 8, 3))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (5 * 3, 4)) / 4.0
     target = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
     def dsm_like(conv):
         def energy(k, x):
-            return jnp.sum(networks.softplus(conv(x, k)) ** 2)
+            return jnp.sum(layers.softplus(conv(x, k)) ** 2)
         return lambda k: jnp.sum((jax.grad(energy, argnums=1)(k, x) - target) ** 2)
 
     def windows(x, k):
-        return networks._shifted_windows(x, 5, 1) @ k
+        return kernels._shifted_windows(x, 5, 1) @ k
 
     def winograd(x, k):
-        return networks._winograd_conv(x, k, 5)
+        return kernels._winograd_conv(x, k, 5)
 
     np.testing.assert_allclose(jax.grad(dsm_like(winograd))(kernel),
                                jax.grad(dsm_like(windows))(kernel), rtol=2e-4, atol=2e-4)
@@ -190,9 +190,9 @@ def test_small_matmul_derivatives_match_a_plain_matmul():
     v = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
     def loss(matmul):
-        return lambda x, w: jnp.sum(networks.softplus(matmul(x, w)) ** 2)
+        return lambda x, w: jnp.sum(layers.softplus(matmul(x, w)) ** 2)
 
-    small, plain = loss(networks._small_matmul), loss(jnp.matmul)
+    small, plain = loss(kernels._small_matmul), loss(jnp.matmul)
     for argnum in (0, 1):
         np.testing.assert_allclose(jax.grad(small, argnum)(x, w), jax.grad(plain, argnum)(x, w),
                                    rtol=1e-5, atol=1e-6)
@@ -208,9 +208,9 @@ def test_small_matmul_derivatives_match_a_plain_matmul():
 
 def test_softplus_and_its_derivatives_match_jax():
     x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 601), jnp.array([-1e4, 1e4, 0.0])])
-    np.testing.assert_allclose(networks.softplus(x), jax.nn.softplus(x), rtol=1e-6, atol=1e-6)
-    d1 = jax.vmap(jax.grad(networks.softplus))(x)
-    d2 = jax.vmap(jax.grad(jax.grad(networks.softplus)))(x)
+    np.testing.assert_allclose(layers.softplus(x), jax.nn.softplus(x), rtol=1e-6, atol=1e-6)
+    d1 = jax.vmap(jax.grad(layers.softplus))(x)
+    d2 = jax.vmap(jax.grad(jax.grad(layers.softplus)))(x)
     np.testing.assert_allclose(d1, jax.nn.sigmoid(x), rtol=1e-6, atol=1e-7)
     sig = jax.nn.sigmoid(x)
     np.testing.assert_allclose(d2, sig * (1 - sig), rtol=1e-5, atol=1e-7)
@@ -222,7 +222,7 @@ def test_group_norm_matches_flax_with_its_gradients(dtype):
     import flax.linen as nn
 
     x = (3.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 8, 64)) + 1.0).astype(dtype)
-    ours, flax_gn = networks.GroupNorm(num_groups=8), nn.GroupNorm(num_groups=8, epsilon=1e-5)
+    ours, flax_gn = layers.GroupNorm(num_groups=8), nn.GroupNorm(num_groups=8, epsilon=1e-5)
     params = flax_gn.init(jax.random.PRNGKey(1), x)
     chex.assert_trees_all_equal_shapes(params, ours.init(jax.random.PRNGKey(1), x))
     params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
@@ -239,4 +239,4 @@ def test_group_norm_matches_flax_with_its_gradients(dtype):
     g2, g2_ref = jax.grad(grad_norm, 1)(ours, params), jax.grad(grad_norm, 1)(flax_gn, params)
     chex.assert_trees_all_close(g2, g2_ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="do not divide"):
-        networks.GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), x)
+        layers.GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), x)

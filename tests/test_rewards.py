@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from energyflow_jax import rewards
+from energyflow_jax.rewards import energy as rewards
 
 OBS_DIM, ACT_DIM, OBS_HORIZON = 3, 2, 2
 

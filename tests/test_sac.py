@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax import rewards
-from energyflow_jax.sac import agent as sac
-from energyflow_jax.sac import replay
+from energyflow_jax.rewards import energy as rewards
+from energyflow_jax.rl.sac import agent as sac
+from energyflow_jax.rl.sac import replay
 
 DENSE = rewards.make_reward_fn("dense")  # one object, so compiled steps are reused
 

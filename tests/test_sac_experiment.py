@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from energyflow_jax import sac_experiment
-from energyflow_jax.data.dataset import Normalizer
+from energyflow_jax import config as config_lib
+from energyflow_jax.experiments import sac as sac_experiment
+from energyflow_jax.data.windows import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,16 +18,7 @@ KINDS = ("centered+sparse", "sparse")
 
 
 def tiny_config(**overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sac_sweep", os.path.join(REPO, "sweeps", "sac.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    with config.unlocked():
-        for key, value in overrides.items():
-            config[key] = value
-    return config
+    return config_lib.load("sweeps/sac.py:tiny", overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Sweeps: expansion and grouping, vmapped members == separate runs, resume."""
-import importlib.util
 import json
 import os
 
@@ -8,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energyflow_jax import sweep, training
+from energyflow_jax import config as config_lib
+from energyflow_jax import training
+from energyflow_jax.sweep import runner as sweep
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,11 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sweep_config(grid=None, settings=(), seeds=(0, 1), **overrides):
     """sweeps/sweep_toy.py:tiny with its sweep section replaced (unlocked copy, relocked)."""
-    spec = importlib.util.spec_from_file_location(
-        "_test_sweep_toy", os.path.join(REPO, "sweeps", "sweep_toy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny").copy_and_resolve_references()
+    c = config_lib.load("sweeps/sweep_toy.py:tiny").copy_and_resolve_references()
     c.unlock()
     c.model.mlp_dims = (16,)
     c.sweep.seeds = tuple(seeds)

@@ -1,20 +1,19 @@
 """Training on the toy task recovers the known energy's ranking of actions."""
-import importlib.util
 import os
 
 import jax
 import numpy as np
 
-from energyflow_jax import toy, train
+from energyflow_jax import config as config_lib
+from energyflow_jax.data import toy
+from energyflow_jax.experiments import toy as toy_experiment
+from energyflow_jax.objectives import dsm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _toy_config(preset=None):
-    spec = importlib.util.spec_from_file_location("toy_cfg", os.path.join(REPO, "sweeps", "toy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return config_lib.load(f"sweeps/toy.py:{preset or 'default'}")
 
 
 def test_true_energy_matches_mixture_density():
@@ -38,7 +37,7 @@ def test_toy_run_ranks_actions_like_the_true_energy(tmp_path):
     config.train.steps_per_chunk = 500
     config.log.progress = False
     config.log.tensorboard = False
-    report = train.train_and_evaluate(config, str(tmp_path))
+    report = toy_experiment.train_and_evaluate(config, str(tmp_path))
     ranking = report["toy_ranking"]
     # Where DSM has signal (sigma(0.6) = 0.8, four times the modes' std) the
     # learned energy orders actions within each state like -log p_t.
@@ -48,7 +47,7 @@ def test_toy_run_ranks_actions_like_the_true_energy(tmp_path):
     # An untrained network does not (the check can fail).
     from energyflow_jax.models import EnergyFlowModel
     model = EnergyFlowModel.create(config.model, (1, 2), (1, 2))
-    energy = train.make_energy_fn(model, model.init(jax.random.PRNGKey(3)))
-    schedule = train.diffusion.VESchedule.from_config(config.diffusion)
+    energy = toy_experiment.make_energy_fn(model, model.init(jax.random.PRNGKey(3)))
+    schedule = dsm.VESchedule.from_config(config.diffusion)
     untrained = toy.ranking_report(energy, schedule, jax.random.PRNGKey(123), (0.6,))
     assert untrained["t=0.6"]["spearman_mean"] < 0.9

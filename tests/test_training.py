@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from energyflow_jax import training
-from energyflow_jax.train import fit, validate_data
+from energyflow_jax.training.loop import fit, validate_data
 from helpers import gaussian_data, tiny_config
 from energyflow_jax.models import EnergyFlowModel
 

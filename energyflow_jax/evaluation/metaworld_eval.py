@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from energyflow_jax.data import metaworld_demos as demos
+from energyflow_jax.data import metaworld as demos
 
 logger = logging.getLogger(__name__)
 

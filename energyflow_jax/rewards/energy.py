@@ -51,20 +51,14 @@ import numpy as np
 from flax import struct
 from scipy import stats
 
+from energyflow_jax.rewards import airl
+from energyflow_jax.rewards.inputs import RewardInputs
+
 EnergyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (a, s, t) -> (B,)
 Normalizer = Callable[[jax.Array], jax.Array]
 
 REWARD_KINDS = ("sparse", "dense", "raw", "centered", "raw+sparse", "centered+sparse",
                 "adversarial")
-
-
-class RewardInputs(struct.PyTreeNode):
-    """What a reward may look at for a batch of transitions (s_t, a_t)."""
-
-    obs: jax.Array  # (B, obs_horizon, obs_dim) raw observations, oldest first, s_t last
-    action: jax.Array  # (B, act_dim) raw environment action a_t
-    env_reward: jax.Array  # (B,) the environment's dense reward for (s_t, a_t)
-    success: jax.Array  # (B,) 1.0 where the environment reports success, else 0.0
 
 
 # --------------------------------------------------------------------------- energies
@@ -214,8 +208,6 @@ def make_reward_fn(
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
 
     if kind == "adversarial":
-        from energyflow_jax import airl  # local import: airl builds on this module
-
         if expert_inputs is None:
             raise ValueError("reward kind 'adversarial' needs expert_inputs")
         return airl.AdversarialReward.from_expert(expert_inputs, adversarial_config)

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from energyflow_jax import diffusion, run_io
-from energyflow_jax.data import metaworld_demos as demos
-from energyflow_jax.data.dataset import Normalizer, make_dataset
+from energyflow_jax.io import run_dir
+from energyflow_jax.objectives import dsm
+from energyflow_jax.data import metaworld as demos
+from energyflow_jax.data.windows import Normalizer, make_dataset
 from energyflow_jax.evaluation import metaworld_eval
 from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.train import fit, write_report
+from energyflow_jax.training.loop import fit, write_report
 
 # Success %, mean over 3 seeds, from the paper (Meta-World v2; we run v3). NOTES.md.
 PUBLISHED_SUCCESS = {
@@ -50,7 +51,7 @@ def save_normalizers(path: str, obs_normalizer: Normalizer, action_normalizer: N
     """Write both normalizers to one .npz atomically (temp file + rename)."""
     arrays = {"obs_mean": obs_normalizer.mean, "obs_std": obs_normalizer.std,
               "action_mean": action_normalizer.mean, "action_std": action_normalizer.std}
-    run_io.atomic_write(path, lambda f: np.savez(
+    run_dir.atomic_write(path, lambda f: np.savez(
         f, **{k: np.asarray(v, np.float32) for k, v in arrays.items()}))
 
 
@@ -68,7 +69,7 @@ def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:
 # --------------------------------------------------------------------------- policy
 
 
-def make_policy(model: EnergyFlowModel, schedule: diffusion.VESchedule, n_steps: int, gamma: float):
+def make_policy(model: EnergyFlowModel, schedule: dsm.VESchedule, n_steps: int, gamma: float):
     """jit((params, obs_normalizer, action_normalizer, obs, rng) -> chunk).
 
     obs: (B, obs_horizon, 39) raw observations; chunk: (B, pred_horizon, 4) in the
@@ -78,7 +79,7 @@ def make_policy(model: EnergyFlowModel, schedule: diffusion.VESchedule, n_steps:
     def policy(params, obs_normalizer: Normalizer, action_normalizer: Normalizer,
                obs: jax.Array, rng: jax.Array) -> jax.Array:
         s = obs_normalizer.normalize(obs.astype(jnp.float32))
-        a = diffusion.sample(model, params, s, rng, schedule, n_steps, gamma)
+        a = dsm.sample(model, params, s, rng, schedule, n_steps, gamma)
         # The env clips anyway; clipping here makes the chunk a valid action as returned.
         return jnp.clip(action_normalizer.unnormalize(a), -1.0, 1.0)
 
@@ -147,7 +148,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     timing = {}
-    progress = bool(config.log.progress) and run_io.is_main_process()
+    progress = bool(config.log.progress) and run_dir.is_main_process()
 
     t0 = time.perf_counter()
     cache_path = demo_cache_path(config, workdir, task)
@@ -164,13 +165,13 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     state, info = fit(config, workdir, model, dataset.arrays())
     # After fit, which refuses a workdir trained on other data: the normalizers
     # of the model in this workdir are never replaced by another task's.
-    if run_io.is_main_process():
+    if run_dir.is_main_process():
         save_normalizers(os.path.join(workdir, NORMALIZERS_FILE), dataset.obs_normalizer,
                          dataset.action_normalizer)
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    schedule = diffusion.VESchedule.from_config(config.diffusion)
+    schedule = dsm.VESchedule.from_config(config.diffusion)
     policy = make_policy(model, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma)
     # Gathered onto the default device: training may have replicated them over a mesh.
     params = jax.device_put(jax.device_get(state.ema_params))
@@ -201,8 +202,8 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
 
     main = pooled_success(results["0"])
     episodes_path = os.path.join(workdir, "eval_episodes.json")
-    if run_io.is_main_process():
-        run_io.write_json(episodes_path, {lv: rs for lv, rs in results.items()})
+    if run_dir.is_main_process():
+        run_dir.write_json(episodes_path, {lv: rs for lv, rs in results.items()})
     extra = {
         "task": task,
         "model_kind": config.model.kind,
@@ -222,9 +223,9 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
         "timing": timing,
     }
     report = write_report(workdir, config, state, info, time.perf_counter() - t_start, **extra)
-    if run_io.is_main_process():
-        run_io.atomic_write_text(os.path.join(workdir, "summary.md"), run_summary_markdown(report))
-        plot_summary(os.path.join(workdir, "summary.png"), report, run_io.read_metrics(workdir))
+    if run_dir.is_main_process():
+        run_dir.atomic_write_text(os.path.join(workdir, "summary.md"), run_summary_markdown(report))
+        plot_summary(os.path.join(workdir, "summary.png"), report, run_dir.read_metrics(workdir))
     return report
 
 
@@ -340,8 +341,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "mean_success_rate": float(np.mean([r["mean_success_rate"] for r in rows])),
                  "published_success_v2": PUBLISHED_SUCCESS,
                  "wall_time_s": time.perf_counter() - t0}
-    if run_io.is_main_process():
-        run_io.write_json(os.path.join(workdir, "report.json"), aggregate)
-        run_io.atomic_write_text(os.path.join(workdir, "summary.md"), markdown)
+    if run_dir.is_main_process():
+        run_dir.write_json(os.path.join(workdir, "report.json"), aggregate)
+        run_dir.atomic_write_text(os.path.join(workdir, "summary.md"), markdown)
     print(markdown)
     return aggregate

@@ -30,10 +30,11 @@ from flax import struct
 from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
-from energyflow_jax import rewards as rewards_lib
-from energyflow_jax import run_io
-from energyflow_jax.sac import replay as replay_lib
-from energyflow_jax.sac.networks import CriticEnsemble, TanhGaussianActor, Temperature
+from energyflow_jax.rewards import energy as rewards_lib
+from energyflow_jax.io import run_dir
+from energyflow_jax.training.state import strong_types
+from energyflow_jax.rl.sac import replay as replay_lib
+from energyflow_jax.rl.sac.networks import CriticEnsemble, TanhGaussianActor, Temperature
 
 Batch = dict[str, jax.Array]
 
@@ -126,15 +127,6 @@ class SACAgent(struct.PyTreeNode):
                     target_entropy=float(target_entropy),
                     backup_entropy=bool(config.backup_entropy))
         return strong_types(agent)
-
-
-def strong_types(tree: Any) -> Any:
-    """Every leaf as a non-weakly-typed array (Python ints/floats become int32/float32).
-
-    A fresh pytree holds weak types (TrainState.step = 0, scalar params); after one update,
-    or after an orbax restore, they are strong, and jit would compile every step twice.
-    """
-    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), tree)
 
 
 def _critic_loss(critic_params, agent: SACAgent, batch: Batch, rng: jax.Array):
@@ -461,7 +453,7 @@ def train_sac(
     )
     latest = manager.latest_step()
     try:
-        run_io.check_resume(workdir, config.to_dict(), None, resuming=latest is not None,
+        run_dir.check_resume(workdir, config.to_dict(), None, resuming=latest is not None,
                             may_change=RESUME_MAY_CHANGE)
     except ValueError:
         manager.close()
@@ -470,7 +462,7 @@ def train_sac(
     if latest is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-        run_io.drop_metrics_after(metrics_path, latest)
+        run_dir.drop_metrics_after(metrics_path, latest)
     env_step = int(state.env_step)
     envs.episode_counts = np.asarray(state.episode_counts, np.int64)
     envs.reset_all()

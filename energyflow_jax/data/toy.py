@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-BASE_CENTRES = jnp.array([[0.7, 0.7], [-0.7, 0.7], [-0.7, -0.7], [0.7, -0.7]])
+# numpy, not jnp: a jnp constant here would start the JAX backend at import.
+BASE_CENTRES = np.array([[0.7, 0.7], [-0.7, 0.7], [-0.7, -0.7], [0.7, -0.7]], np.float32)
 N_MODES = BASE_CENTRES.shape[0]
 MODE_STD = 0.2
 STATE_SHIFT = 0.5

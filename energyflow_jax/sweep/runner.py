@@ -42,7 +42,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from energyflow_jax import diffusion, run_io, toy, training
+from energyflow_jax import training
+from energyflow_jax.data import toy
+from energyflow_jax.io import run_dir
+from energyflow_jax.objectives import dsm
 from energyflow_jax.models import EnergyFlowModel
 
 # Config keys whose values are array leaves of TrainState.hparams: they can
@@ -329,7 +332,7 @@ class ToyTask:
 
         def heldout_loss(params, schedule, heldout):
             return jnp.mean(jax.vmap(
-                lambda k: diffusion.dsm_loss(model, params, heldout, k, schedule))(keys))
+                lambda k: dsm.dsm_loss(model, params, heldout, k, schedule))(keys))
 
         losses_fn = jax.jit(jax.vmap(heldout_loss, in_axes=(0, 0, None)))
         energy = jax.jit(lambda p, a, s, t: model.energy(
@@ -342,7 +345,7 @@ class ToyTask:
                 metrics = {"heldout_loss": float(losses[i])}
                 if model.kind == "conservative":
                     params = unstack(state.ema_params, i)
-                    schedule = diffusion.VESchedule.from_config(m.config.diffusion)
+                    schedule = dsm.VESchedule.from_config(m.config.diffusion)
                     report = toy.ranking_report(
                         lambda a, s, t: energy(params, a, s, t), schedule,
                         jax.random.PRNGKey(123), (m.config.diffusion.gamma, 0.3, 0.6))
@@ -379,7 +382,7 @@ def group_finished(workdir: str, gid: str) -> bool:
 def _append_metrics(path: str, step: int, metrics: dict, truncate_after: int | None) -> None:
     """Per-member metrics as lists; on resume, drop lines for steps that are redone."""
     if truncate_after is not None:
-        run_io.drop_metrics_after(path, truncate_after)
+        run_dir.drop_metrics_after(path, truncate_after)
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, **{k: np.asarray(v).tolist()
                                              for k, v in metrics.items()}}) + "\n")
@@ -440,13 +443,13 @@ def train_group(config, workdir: str, group: Group,
 
     rngs = jnp.stack([jax.random.PRNGKey(m.seed) for m in group.members])
     hparams = stack([training.HParams.from_config(m.config) for m in group.members])
-    manager = run_io.checkpoint_manager(gdir, gcfg.train.max_checkpoints)
+    manager = run_dir.checkpoint_manager(gdir, gcfg.train.max_checkpoints)
     if manager.latest_step() is None:
         state = jax.device_put(stack([fns.init(rngs[i], unstack(hparams, i))
                                       for i in range(len(group.members))]), fns.by_member)
         start = 0
     else:  # restore needs only shapes and shardings: skip the real init
-        state, start = run_io.restore_latest(manager, fns.abstract_state(rngs, hparams))
+        state, start = run_dir.restore_latest(manager, fns.abstract_state(rngs, hparams))
 
     total, per_chunk = gcfg.optim.total_steps, gcfg.train.steps_per_chunk
     if start % per_chunk and start != total:
@@ -455,7 +458,7 @@ def train_group(config, workdir: str, group: Group,
     status_path = os.path.join(gdir, "status.json")
     status = _read_json(status_path, {"chunks_trained": 0, "runs": 0})
     status.update(runs=status["runs"] + 1, step=start, total_steps=total)
-    run_io.write_json(status_path, status)
+    run_dir.write_json(status_path, status)
     metrics_path = os.path.join(gdir, "metrics.jsonl")
     n_chunks = math.ceil(total / per_chunk)
     step, truncate = start, start
@@ -466,10 +469,10 @@ def train_group(config, workdir: str, group: Group,
         _append_metrics(metrics_path, step, jax.device_get(metrics), truncate)
         truncate = None
         if chunk_index == n_chunks - 1 or (chunk_index + 1) % gcfg.train.checkpoint_every_chunks == 0:
-            manager.save(step, args=run_io.ocp.args.StandardSave(state))
+            manager.save(step, args=run_dir.ocp.args.StandardSave(state))
             manager.wait_until_finished()
         status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
-        run_io.write_json(status_path, status)
+        run_dir.write_json(status_path, status)
         if on_chunk is not None:
             on_chunk(group.gid, step)
     manager.wait_until_finished()
@@ -495,11 +498,11 @@ def run_group(config, workdir: str, group: Group,
                         "setting": m.setting, "seed": m.seed, "metrics": ev,
                         "steps": int(jax.device_get(state.step[i])),
                         "n_skipped_updates": int(jax.device_get(state.n_skipped[i])),
-                        "ema_params_sha256": run_io.tree_fingerprint(
+                        "ema_params_sha256": run_dir.tree_fingerprint(
                             unstack(state.ema_params, i))})
     result = {"gid": group.gid, "members": members, "resumed_from_step": start,
               "n_devices": fns.mesh.size, "wall_time_s": time.perf_counter() - t0}
-    run_io.write_json(result_path, result)  # last: its existence marks the group finished
+    run_dir.write_json(result_path, result)  # last: its existence marks the group finished
     return result
 
 
@@ -673,8 +676,8 @@ def plot_results(summary: dict, path: str) -> None:
 
 
 def write_results(workdir: str, summary: dict) -> None:
-    run_io.write_json(os.path.join(workdir, "results.json"), summary)
-    run_io.atomic_write_text(os.path.join(workdir, "results.md"), results_markdown(summary))
+    run_dir.write_json(os.path.join(workdir, "results.json"), summary)
+    run_dir.atomic_write_text(os.path.join(workdir, "results.md"), results_markdown(summary))
     plot_results(summary, os.path.join(workdir, "results.png"))
 
 
@@ -698,11 +701,11 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
             "groups": [{"gid": g.gid, "members": [m.index for m in g.members]} for g in groups],
             "members": [{"member": m.index, "setting_index": m.setting_index,
                          "setting": m.setting, "seed": m.seed} for m in members]}
-    run_io.write_json(os.path.join(workdir, "sweep.json"), plan)
+    run_dir.write_json(os.path.join(workdir, "sweep.json"), plan)
     already = [g.gid for g in groups if group_finished(workdir, g.gid)]
 
     def record_state():
-        run_io.write_json(os.path.join(workdir, "sweep_state.json"), {
+        run_dir.write_json(os.path.join(workdir, "sweep_state.json"), {
             "finished_groups": [g.gid for g in groups if group_finished(workdir, g.gid)],
             "pending_groups": [g.gid for g in groups if not group_finished(workdir, g.gid)]})
 
@@ -729,7 +732,7 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
                   best_row[summary["metric"]]["mean"] if best_row else None,
               "wall_time_s": time.perf_counter() - t0,
               "config": config.to_dict()}
-    run_io.write_json(os.path.join(workdir, "report.json"), report)  # what main.py points to
+    run_dir.write_json(os.path.join(workdir, "report.json"), report)  # what main.py points to
     return report
 
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from energyflow_jax import run_io
+from energyflow_jax.io import run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def save_demo_cache(path: str | os.PathLike, episodes: list[dict[str, Any]], pro
         # A 0-d unicode array: readable with allow_pickle=False.
         "provenance": np.array(json.dumps(provenance, sort_keys=True)),
     }
-    run_io.atomic_write(path, lambda f: np.savez(f, **arrays))
+    run_dir.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:

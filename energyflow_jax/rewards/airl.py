@@ -33,9 +33,9 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from energyflow_jax.rewards import RewardInputs
-from energyflow_jax.sac.agent import strong_types
-from energyflow_jax.sac.networks import MLP
+from energyflow_jax.rewards.inputs import RewardInputs
+from energyflow_jax.nn.mlp import MLP
+from energyflow_jax.training.state import strong_types
 
 
 def default_config() -> ml_collections.ConfigDict:

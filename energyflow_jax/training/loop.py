@@ -1,7 +1,6 @@
-"""The training run: chunks of jitted steps, logging and checkpoints between.
+"""The training run: chunks of jitted steps, with logging, checkpoints and resume between.
 
-`fit` is task-agnostic (it takes windows already on device);
-`train_and_evaluate` is the toy task's run, and the template other tasks follow.
+`fit` is task-agnostic: it takes windows already as arrays and the model.
 """
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ import numpy as np
 import ml_collections
 from tqdm.auto import tqdm
 
-from energyflow_jax import diffusion, run_io, toy, training
+from energyflow_jax import training
+from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
 
 # Test-only: SIGKILL this process right after chunk N, to test resumption
@@ -44,7 +44,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         data: dict) -> tuple[training.TrainState, dict]:
     """Train (or resume) to config.optim.total_steps; returns (state, info)."""
     validate_data(data)
-    data_sha256 = run_io.tree_fingerprint(data)
+    data_sha256 = run_dir.tree_fingerprint(data)
     mesh = training.make_mesh(config.train.num_devices or None)
     tx = training.make_optimizer(config.optim)
     state = training.TrainState.create(model, tx, training.HParams.from_config(config),
@@ -52,24 +52,24 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     state = training.replicate(state, mesh)
     data = training.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
-    manager = run_io.checkpoint_manager(workdir, config.train.max_checkpoints)
-    run_io.check_resume(workdir, config.to_dict(), data_sha256,
+    manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
+    run_dir.check_resume(workdir, config.to_dict(), data_sha256,
                         resuming=manager.latest_step() is not None)
-    state, start_step = run_io.restore_latest(manager, state)
+    state, start_step = run_dir.restore_latest(manager, state)
     total = config.optim.total_steps
     per_chunk = config.train.steps_per_chunk
     if start_step % per_chunk and start_step != total:
         raise RuntimeError(f"checkpoint step {start_step} is not a multiple of "
                            f"train.steps_per_chunk={per_chunk}; resume with the original config")
-    writer = run_io.MetricsWriter(workdir, config.log, config.to_dict(), resume_step=start_step)
+    writer = run_dir.MetricsWriter(workdir, config.log, config.to_dict(), resume_step=start_step)
     chunk_fns = {}
     kill_after = int(os.environ.get(_KILL_AFTER_CHUNK, "0"))
     n_chunks = math.ceil(total / per_chunk)
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
-               disable=not (config.log.progress and run_io.is_main_process()))
+               disable=not (config.log.progress and run_dir.is_main_process()))
     # A finished run re-run trains nothing and reports its last logged metrics.
     finished = start_step >= total
-    logged = ([m for m in run_io.read_metrics(workdir) if m.get("step") == start_step]
+    logged = ([m for m in run_dir.read_metrics(workdir) if m.get("step") == start_step]
               if finished else [])
     metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
     step = start_step
@@ -91,7 +91,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['steps_per_s']:.2f}")
         last = chunk_index == n_chunks - 1
         if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
-            manager.save(step, args=run_io.ocp.args.StandardSave(state))
+            manager.save(step, args=run_dir.ocp.args.StandardSave(state))
         if kill_after and chunk_index + 1 == kill_after:
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -109,42 +109,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
 def write_report(workdir: str, config, state: training.TrainState, info: dict,
                  wall_time_s: float, **extra) -> dict:
     report = {"config": config.to_dict(), **info,
-              "ema_params_sha256": run_io.tree_fingerprint(state.ema_params),
+              "ema_params_sha256": run_dir.tree_fingerprint(state.ema_params),
               "wall_time_s": wall_time_s, **extra}
-    if run_io.is_main_process():
-        run_io.write_json(os.path.join(workdir, "report.json"), report)
+    if run_dir.is_main_process():
+        run_dir.write_json(os.path.join(workdir, "report.json"), report)
     return report
-
-
-def make_energy_fn(model: EnergyFlowModel, params):
-    """(a, s, t) -> E(a, s, t) with a scalar t, jitted, for evaluation and plots."""
-    @jax.jit
-    def energy(a, s, t):
-        return model.energy(params, a, s, jnp.full((a.shape[0],), t, jnp.float32))
-    return energy
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """The toy task: train, then check the learned energy against the true one."""
-    t0 = time.perf_counter()
-    data = toy.make_dataset(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)
-    model = EnergyFlowModel.create(config.model, obs_shape=(1, 2), action_shape=(1, 2))
-    state, info = fit(config, workdir, model, data)
-    extra = {}
-    schedule = diffusion.VESchedule.from_config(config.diffusion)
-    if model.kind == "conservative":
-        energy = make_energy_fn(model, state.ema_params)
-        times = (config.diffusion.gamma, 0.3, 0.6)
-        extra["toy_ranking"] = toy.ranking_report(energy, schedule, jax.random.PRNGKey(123), times)
-        if run_io.is_main_process():
-            toy.plot_landscape(energy, schedule, os.path.join(workdir, "toy_landscape.png"))
-    obs = toy.make_dataset(jax.random.PRNGKey(7), 512)["obs"]
-    samples = jax.jit(lambda p, o, r: diffusion.sample(
-        model, p, o, r, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma))(
-        state.ema_params, obs, jax.random.PRNGKey(8))
-    # Negative log-likelihood of the samples under the true mixture, a
-    # check that works for both model kinds (lower is better).
-    extra["sample_true_energy_mean"] = float(toy.true_energy(samples[:, 0], obs[:, 0]).mean())
-    extra["data_true_energy_mean"] = float(toy.true_energy(
-        toy.sample_actions(jax.random.PRNGKey(9), obs[:, 0], toy.MODE_STD), obs[:, 0]).mean())
-    return write_report(workdir, config, state, info, time.perf_counter() - t0, **extra)

@@ -31,14 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from energyflow_jax import rewards, run_io
-from energyflow_jax.data import metaworld_demos as demos
-from energyflow_jax.data.dataset import make_dataset, make_windows
-from energyflow_jax.metaworld_experiment import (NORMALIZERS_FILE, demo_cache_path,
+from energyflow_jax.io import run_dir
+from energyflow_jax.rewards import energy as rewards
+from energyflow_jax.data import metaworld as demos
+from energyflow_jax.data.windows import make_dataset, make_windows
+from energyflow_jax.experiments.imitation import (NORMALIZERS_FILE, demo_cache_path,
                                                  load_normalizers, save_normalizers)
 from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.sac.agent import train_sac
-from energyflow_jax.train import fit
+from energyflow_jax.rl.sac.agent import train_sac
+from energyflow_jax.training.loop import fit
 
 ENERGY_KINDS = ("raw", "centered", "raw+sparse", "centered+sparse")
 SPEC_FILE = "spec.json"
@@ -124,9 +125,9 @@ def train_reward_model(config, model_dir: str, episodes: list[dict], task: str):
         obs_norm, act_norm = load_normalizers(normalizer_path)
         dataset = make_dataset(episodes, rm.data.obs_horizon, 1, obs_normalizer=obs_norm,
                                action_normalizer=act_norm)
-    elif run_io.is_main_process():
+    elif run_dir.is_main_process():
         save_normalizers(normalizer_path, dataset.obs_normalizer, dataset.action_normalizer)
-        run_io.write_json(os.path.join(model_dir, SPEC_FILE),
+        run_dir.write_json(os.path.join(model_dir, SPEC_FILE),
                           {"task": task, "obs_shape": obs_shape, "action_shape": action_shape,
                            "n_train_episodes": len(episodes)})
     model = EnergyFlowModel.create(rm.model, obs_shape=obs_shape, action_shape=action_shape)
@@ -349,7 +350,7 @@ def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
     eval_fn = make_env_fn(task, 1000 * seed + 999, config.max_episode_steps)
     train_sac(sac_config, env_fns, reward, run_dir, eval_env_fn=eval_fn,
               progress=bool(config.log.progress))
-    curve = eval_curve(run_io.read_metrics(run_dir))
+    curve = eval_curve(run_dir.read_metrics(run_dir))
     if not curve["step"]:
         raise RuntimeError(f"{run_dir}: no eval in metrics.jsonl")
     return {"seed": seed, "final_step": curve["step"][-1], "final_success": curve["success"][-1],
@@ -410,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    config.quality.seed)
     quality = quality_report(reward_objects, held_out, held_out_ids, random_traj, random_ids,
                              config)
-    run_io.write_json(os.path.join(workdir, "reward_quality.json"), quality)
+    run_dir.write_json(os.path.join(workdir, "reward_quality.json"), quality)
     timing["reward_quality_s"] = time.perf_counter() - t0
 
     variants = {}
@@ -440,10 +441,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "reward_model": reward_model_info, "timing": timing,
               "variant_wall_time_s": {k: v["wall_time_s"] for k, v in variants.items()},
               "wall_time_s": wall}
-    if run_io.is_main_process():
-        run_io.write_json(os.path.join(workdir, "results.json"), results)
-        run_io.atomic_write_text(os.path.join(workdir, "results.md"), markdown)
+    if run_dir.is_main_process():
+        run_dir.write_json(os.path.join(workdir, "results.json"), results)
+        run_dir.atomic_write_text(os.path.join(workdir, "results.md"), markdown)
         plot_curves(os.path.join(workdir, "curves.png"), results)
-        run_io.write_json(os.path.join(workdir, "report.json"), report)
+        run_dir.write_json(os.path.join(workdir, "report.json"), report)
     print(markdown)
     return report

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from energyflow_jax import run_io
+from energyflow_jax.io import run_dir
 from energyflow_jax.capacity import generalization, rademacher
 
 MODEL_CLASSES = ("conservative", "free")
@@ -364,5 +364,5 @@ def run(config, workdir) -> dict:
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": [str(d) for d in jax.devices()], "python": platform.python_version()},
     }
-    run_io.write_json(os.path.join(workdir, "capacity.json"), report)
+    run_dir.write_json(os.path.join(workdir, "capacity.json"), report)
     return summary

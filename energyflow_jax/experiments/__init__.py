@@ -1,0 +1,1 @@
+"""Experiments: each is a thin train_and_evaluate(config, workdir) over the library."""

@@ -1,0 +1,1 @@
+"""Neural-network building blocks: CPU-fast conv kernels, layers, a plain MLP."""

@@ -1,0 +1,1 @@
+"""Training objectives. Each file is one objective: its noise schedule, loss and sampler."""

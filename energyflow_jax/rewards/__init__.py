@@ -1,0 +1,1 @@
+"""Rewards read out of a trained energy, and the adversarial IRL baseline."""

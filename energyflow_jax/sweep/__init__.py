@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: grids of members trained together in one compiled program."""
