@@ -1,10 +1,14 @@
 """Capacity experiment (Theorem 3.6): Rademacher complexity and generalisation of
 conservative (grad_a of a scalar MLP) vs free (vector MLP) fields as the action
-dimension d grows. Run through `energyflow_jax.capacity.experiment.run(config, workdir)`.
+dimension d grows. Run through
+`energyflow_jax.experiments.capacity.train_and_evaluate(config, workdir)`.
 
-Presets: "default" (3-4 min on the shared 2-core CPU), "paper"/"full" (d up to 128,
-n up to 4096, more draws, restarts, ascent steps and seeds; ~2 h on that CPU, estimated),
-"smoke" (tens of seconds; for tests).
+  python -m energyflow_jax.main --config=sweeps/capacity.py --workdir=runs/capacity
+  python -m energyflow_jax.main --config=sweeps/capacity.py:smoke --workdir=/tmp/cap   # tests
+
+Presets: "default" (CPU-sized, minutes), "paper"/"full" (d up to 128, n up to 4096,
+more draws, restarts, ascent steps and seeds; an accelerator's or a long CPU job),
+"smoke" (seconds; for tests). Results and timings: docs/results.md.
 """
 
 from __future__ import annotations

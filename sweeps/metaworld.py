@@ -17,14 +17,7 @@ Presets:
            beside the published numbers. Accelerator-sized.
   tiny     seconds, for tests.
 
-Measured with the default preset on the 2-core CPU machine while other jobs shared it
-(load average 3 to 7, so times are inflated), 50 eval rollouts each:
-  button-press  100% [92.9, 100] (also 100% at OOD levels S, M, L); 57 s end to end
-                unloaded-ish (collect 2 s, train 45 s, eval 10 s), 152 s at load ~6
-  button-press, model.kind=free   96% [86.5, 98.9]
-  drawer-open   100% [92.9, 100]; 159 s
-  assembly      24% [14.3, 37.4]; 100 demos + 12k steps did not help (20%): the MLP
-                is not enough for it; use the U-Net (paper preset) on an accelerator.
+Results of these commands: docs/results.md.
 """
 import ml_collections
 
@@ -99,6 +92,7 @@ def get_config(preset=None):
         max_steps=500,
         ood_levels=(),            # e.g. ("S", "M", "L"); level "0" always runs
         num_envs=0,               # envs stepped together; 0 -> all episodes at once
+        num_workers=0,            # env worker processes; 0 -> step the envs in-process
         n_plot=3,                 # rollout plots of the first episodes (level 0, first seed)
     ))
     return select_preset(c, PRESETS, preset)

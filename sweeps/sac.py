@@ -6,7 +6,7 @@
   python -m energyflow_jax.main --config=sweeps/sac.py:long --workdir=runs/sac_long  # GPU / long CPU
   python -m energyflow_jax.main --config=sweeps/sac.py:tiny --workdir=/tmp/sac       # seconds
 
-Reward kinds (energy_flow_jax/rewards.py): sparse, dense (the env's shaped reward, the
+Reward kinds (energyflow_jax/rewards/energy.py): sparse, dense (the env's shaped reward, the
 oracle), raw (-E), centered (-E + mean of E at 16 reference actions), raw+sparse,
 centered+sparse, adversarial (AIRL-style discriminator learned during SAC).
 Several kinds in one invocation share the demos and the reward model and produce one
@@ -14,26 +14,14 @@ table (results.md) and one plot (curves.png).
 
 Presets:
   default  CPU-sized: button-press-v3, 3 seeds, 2 envs in lockstep, 200-step episodes,
-           a modest env-step budget (sized so one variant's 3 seeds fit in ~20 min on
-           the 2-core machine); reward model = the Meta-World default MLP energy (lr 2e-3).
+           12k env steps per seed (sized for a 2-core CPU); reward model = the
+           Meta-World default MLP energy (lr 2e-3).
   long     1M env steps per seed, 500-step episodes, 10 eval episodes: GPU or a long
            CPU run.
   tiny     seconds, for tests.
 
-Measured (default preset, 2-core CPU shared with other jobs, load ~1-5): button-press-v3,
-3 seeds x 12k env steps, eval 5 episodes; reward model 3000 DSM steps (~60 s).
-  reward            success        return         wall (3 seeds)
-  centered+sparse   0.00 +- 0.00   51.3 +- 3.8    250 s (first variant: includes compiles, load ~5)
-  sparse            0.00 +- 0.00   61.1 +- 3.7    145 s
-  dense             0.13 +- 0.19  195.6 +- 47.2   122 s
-  centered          0.00 +- 0.00   51.3 +- 3.8    137 s (== centered+sparse: no success, no bonus)
-  raw               0.00 +- 0.00   46.1 +- 5.8    133 s
-12k steps is too short for SAC to solve the task with any reward but dense; at the
-measured 130-330 env steps/s about 40k steps per seed still fits 20 min for 3 seeds
-(--config.sac.total_env_steps=40000, not measured).
-Reward quality (held-out demos): ranking accuracy of raw/centered vs perturbed (std 0.3)
-and uniform random actions 1.00; Spearman with the dense reward along expert trajectories
-raw +0.91, centered -0.44; along random-policy trajectories raw -0.42, centered -0.31.
+Results of these commands (and of a 40k-step run, --config.sac.total_env_steps=40000):
+docs/results.md.
 """
 import ml_collections
 
