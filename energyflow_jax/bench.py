@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -217,7 +218,6 @@ def main(argv=None) -> dict:
     if args.repeats > 1:
         results["runs"] = runs
     if args.sweep:
-        from energyflow_jax.sweep.runner import bench_sweep
         # The published shapes, and a member of the shipped toy sweep
         # (sweeps/sweep_toy.py: MLP (128, 128) on 2-D states and actions).
         results["sweep"] = bench_sweep()
@@ -247,6 +247,88 @@ def _print_table(results: dict) -> None:
     for key in ("sweep", "sweep_toy_member"):
         if key in results:
             print(f"{key}: {results[key]}")
+
+
+def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
+                mlp_dims=(256, 256, 256), repeats: int = 3,
+                obs_shape=(2, 39), action_shape=(16, 4)) -> dict:
+    """Aggregate DSM steps/s: n_members trained in one vmapped program vs the
+    same members one after another with the single-run program
+    (`training.make_train_chunk`), in this process.
+
+    Model: the energy MLP (mlp_dims, head 128, embeddings 64, spectral-norm
+    head) on the published shapes (obs 2x39, chunk 16x4), batch 256. Compile
+    time is excluded from both (reported separately); members differ in seed
+    and learning rate.
+    """
+    from energyflow_jax.config import base_config
+
+    config = base_config()
+    config.model.arch = "mlp"
+    config.model.mlp_dims = tuple(mlp_dims)
+    config.model.head_dims = (128,)
+    config.model.state_emb_dim = 64
+    config.model.time_emb_dim = 64
+    config.optim.warmup_steps = 10
+    config.train.batch_size = batch_size
+    obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
+    model = EnergyFlowModel.create(config.model, obs_shape, action_shape)
+    data = {"obs": jax.random.normal(jax.random.PRNGKey(0), (4096, *obs_shape)),
+            "actions": jax.random.normal(jax.random.PRNGKey(1), (4096, *action_shape))}
+    lrs = np.geomspace(1e-4, 1e-3, n_members)
+
+    def hparams(i):  # fresh arrays per use: the single-run chunk donates its state
+        return training.HParams.from_config(config).replace(learning_rate=jnp.float32(lrs[i]))
+
+    rngs = [jax.random.PRNGKey(i) for i in range(n_members)]
+    tx = training.make_optimizer(config.optim)
+
+    def timed(fn):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t
+
+    # Vmapped: one program for all members.
+    mesh = training.member_mesh(n_members, 1)  # one device: compare like with like
+    vm_chunk = training.make_member_chunk(model, tx, batch_size, steps, mesh)
+    vm = {"state": training.stack([training.TrainState.create(model, tx, hparams(i), rngs[i])
+                                   for i in range(n_members)])}
+
+    def vm_call():
+        vm["state"], m = vm_chunk(vm["state"], data)
+        return m
+
+    # One after another: the single-run program, compiled once, called per member.
+    chunk = training.make_train_chunk(model, tx, batch_size, steps, training.make_mesh(1))
+    states = [training.TrainState.create(model, tx, hparams(i), rngs[i])
+              for i in range(n_members)]
+
+    def seq_call():
+        out = None
+        for i in range(n_members):
+            states[i], out = chunk(states[i], data)
+            jax.block_until_ready(out)
+        return out
+
+    vm_first, seq_first = timed(vm_call), timed(seq_call)  # compiles
+    # Interleaved repeats, median: other load on the machine hits both alike.
+    vm_times, seq_times = [], []
+    for _ in range(repeats):
+        vm_times.append(timed(vm_call))
+        seq_times.append(timed(seq_call))
+    vm_s, seq_s = float(np.median(vm_times)), float(np.median(seq_times))
+    total = n_members * steps
+    n_params = sum(x.size for x in jax.tree.leaves(states[0].params))
+    return {"model": f"mlp{tuple(mlp_dims)} energy, obs {obs_shape}, chunk {action_shape}",
+            "n_params": int(n_params),
+            "batch_size": batch_size, "n_members": n_members, "steps_per_member": steps,
+            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "vmapped_steps_per_s": round(total / vm_s, 2),
+            "sequential_steps_per_s": round(total / seq_s, 2),
+            "speedup": round(seq_s / vm_s, 3),
+            "vmapped_compile_s": round(vm_first - vm_s, 1),
+            "sequential_compile_s": round(seq_first - seq_s, 1),
+            "repeats": repeats}
 
 
 if __name__ == "__main__":

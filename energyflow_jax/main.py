@@ -18,9 +18,9 @@ from energyflow_jax import xla_cpu
 EXPERIMENTS = {
     "toy": "energyflow_jax.experiments.toy:train_and_evaluate",
     "sweep": "energyflow_jax.sweep.runner:run",
-    "metaworld": "energyflow_jax.experiments.imitation:run",
-    "capacity": "energyflow_jax.experiments.capacity:run",
-    "sac": "energyflow_jax.experiments.sac:run",
+    "metaworld": "energyflow_jax.experiments.imitation:train_and_evaluate",
+    "capacity": "energyflow_jax.experiments.capacity:train_and_evaluate",
+    "sac": "energyflow_jax.experiments.sac:train_and_evaluate",
 }
 
 # Where an experiment's report goes when it is not DIR/report.json.

@@ -1,6 +1,6 @@
-"""A sweep over the toy task (energyflow_jax.toy): learning rate and sigma_max
-share one compiled program per width; the MLP width is a shape-changing key,
-so each width is its own group.
+"""A sweep over the toy task (energyflow_jax.experiments.toy): learning rate and
+sigma_max share one compiled program per width; the MLP width is a shape-changing
+key, so each width is its own group.
 
   python -m energyflow_jax.main --config=sweeps/sweep_toy.py:small --workdir=runs/sweep_toy_small
   python -m energyflow_jax.main --config=sweeps/sweep_toy.py --workdir=runs/sweep_toy
@@ -15,7 +15,7 @@ minutes: 2 x 2 x 2 widths x 2 seeds, 600 steps), "tiny" (seconds; tests).
 import os
 
 from energyflow_jax import config as config_lib
-from energyflow_jax.sweep.runner import add_sweep_section, sweep_grid
+from energyflow_jax.sweep.grid import add_sweep_section, sweep_grid
 
 TASK_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py")
 

@@ -9,6 +9,7 @@ import numpy as np
 from energyflow_jax.rewards import airl
 from energyflow_jax.rewards import energy as rewards
 from energyflow_jax.rl.sac import agent as sac
+from energyflow_jax.rl.sac import loop as sac_loop
 
 
 def toy_inputs(rng, n, expert: bool):
@@ -86,7 +87,7 @@ def test_adversarial_reward_trains_inside_sac_loop(tmp_path):
     sac_config.replay_capacity = 1000
     env = lambda: gym.make("Pendulum-v1", max_episode_steps=50)
     workdir = str(tmp_path / "run")
-    sac.train_sac(sac_config, [env], reward, workdir, progress=False)
+    sac_loop.train_sac(sac_config, [env], reward, workdir, progress=False)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert np.isfinite(last["train/disc/loss"]) and "train/disc/accuracy" in last
@@ -95,7 +96,7 @@ def test_adversarial_reward_trains_inside_sac_loop(tmp_path):
     # The discriminator state (with its expert data) is checkpointed: a longer run resumes.
     sac_config.total_env_steps = 400
     sac_config.eval_every = 400
-    sac.train_sac(sac_config, [env], reward, workdir, progress=False)
+    sac_loop.train_sac(sac_config, [env], reward, workdir, progress=False)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [100, 200, 300, 400]

@@ -159,7 +159,7 @@ def test_small_sweep_writes_capacity_json(tmp_path):
     config.generalization.n_test = 32
     config.generalization.train_steps = 10
 
-    summary = experiment.run(config, tmp_path)
+    summary = experiment.train_and_evaluate(config, tmp_path)
 
     report = json.loads((tmp_path / "capacity.json").read_text())
     assert (tmp_path / "complexity_vs_d.png").stat().st_size > 0

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from energyflow_jax.data import metaworld as md
+from energyflow_jax.envs import metaworld as mwenv
 from energyflow_jax.evaluation import metaworld_eval as me
+from energyflow_jax.evaluation.statistics import pooled_success, wilson_interval
 
 TASK = "button-press-v3"
 
@@ -78,18 +80,18 @@ def test_perturbation_levels_move_hand_and_object():
     env = md.make_env(TASK)
     hand = np.array(env.hand_init_pos, np.float64)
     config = md.sample_config(env, TASK, "eval", 0, 0)
-    obs0, info0 = me.reset_episode(env, config, hand, me.resolve_perturbation("0"), np.random.default_rng(0))
+    obs0, info0 = mwenv.reset_episode(env, config, hand, me.resolve_perturbation("0"), np.random.default_rng(0))
     assert info0["hand_offset"] == [0.0, 0.0, 0.0] and info0["object_offset"] == [0.0, 0.0]
     realized = {}
     for level in ("S", "M", "L"):
         p = me.resolve_perturbation(level)
-        _, info = me.reset_episode(env, config, hand, p, np.random.default_rng(1))
+        _, info = mwenv.reset_episode(env, config, hand, p, np.random.default_rng(1))
         realized[level] = (np.linalg.norm(info["hand_offset"]), np.linalg.norm(info["object_offset"]))
         assert realized[level][0] == pytest.approx(p.hand_shift, abs=0.01)
         assert realized[level][1] == pytest.approx(p.object_shift, abs=0.005)
     assert realized["S"][1] < realized["M"][1] < realized["L"][1]
     # Unperturbed reset afterwards restores the default layout and hand start.
-    obs_again, _ = me.reset_episode(env, config, hand, me.resolve_perturbation(0.0), np.random.default_rng(0))
+    obs_again, _ = mwenv.reset_episode(env, config, hand, me.resolve_perturbation(0.0), np.random.default_rng(0))
     np.testing.assert_allclose(obs_again, obs0, atol=1e-9)
     assert me.resolve_perturbation(0.03).object_shift == 0.03
     with pytest.raises(ValueError, match="Unknown perturbation level"):
@@ -105,19 +107,26 @@ def test_infeasible_layout_is_rejected_not_looped():
     bad = md.config_rand_vec(config).copy()
     bad[:2] = bad[3:5]  # object on the goal
     env.set_task(config)
-    with pytest.raises(me._InfeasibleLayout):
-        me._reset_with_rand_vec(env, bad)
+    with pytest.raises(mwenv._InfeasibleLayout):
+        mwenv._reset_with_rand_vec(env, bad)
     # The env is usable afterwards, and an "L" perturbation finds a feasible direction.
-    _, info = me.reset_episode(env, config, np.array(env.hand_init_pos, np.float64),
-                               me.resolve_perturbation("L"), np.random.default_rng(0))
+    _, info = mwenv.reset_episode(env, config, np.array(env.hand_init_pos, np.float64),
+                                  me.resolve_perturbation("L"), np.random.default_rng(0))
     assert np.linalg.norm(info["object_offset"]) == pytest.approx(0.10, abs=0.01)
 
 
 def test_wilson_interval_known_values():
+    assert me.wilson_interval is wilson_interval  # re-exported for callers of metaworld_eval
     np.testing.assert_allclose(me.wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
     np.testing.assert_allclose(me.wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
     np.testing.assert_allclose(me.wilson_interval(10, 10), (0.7225, 1.0), atol=1e-4)
     assert me.wilson_interval(50, 50)[1] == 1.0
+
+
+def test_pooled_success_sums_episodes():
+    pooled = pooled_success([{"n_episodes": 10, "n_successes": 5}, {"n_episodes": 40, "n_successes": 35}])
+    assert pooled["n_episodes"] == 50 and pooled["n_successes"] == 40 and pooled["success_rate"] == 0.8
+    assert pooled["ci95"] == list(wilson_interval(40, 50))
 
 
 def test_bad_policy_output_is_reported():

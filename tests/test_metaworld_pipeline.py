@@ -12,15 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.experiments import imitation as mwx
-from energyflow_jax.objectives import dsm
+from energyflow_jax.experiments import sac as sac_experiment
+from energyflow_jax.io.run_dir import tree_fingerprint as run_io_fingerprint
+from energyflow_jax.policy import Policy, as_numpy_policy
 from energyflow_jax.data import metaworld as md
 from energyflow_jax.data.windows import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # sweeps/ is a directory of config files, not a package
-from sweeps import metaworld as mw_sweep  # noqa: E402
+mw_sweep = config_lib.load_module("sweeps/metaworld.py")
 
 
 def test_tiny_cli_run_writes_a_sane_report(tmp_path):
@@ -61,8 +63,12 @@ def test_tiny_cli_run_writes_a_sane_report(tmp_path):
     md.assert_configs_disjoint(np.array([ep["rand_vec"] for ep in episodes]),
                                np.stack([ep["rand_vec"] for ep in cached]))
 
-    for name in ("summary.md", "summary.png", "metrics.jsonl", mwx.NORMALIZERS_FILE):
+    for name in ("summary.md", "summary.png", "metrics.jsonl"):
         assert (workdir / name).stat().st_size > 0, name
+    # The run's policy is in its checkpoint: loaded, it acts like the evaluated one.
+    policy = Policy.load(str(workdir))
+    assert policy.obs_shape == (report["config"]["data"]["obs_horizon"], md.OBS_DIM)
+    assert run_io_fingerprint(policy.params) == report["ema_params_sha256"]
     assert "| 0 |" in (workdir / "summary.md").read_text()
     assert len(report["rollout_plots"]) == 1 and os.path.exists(report["rollout_plots"][0])
 
@@ -72,7 +78,7 @@ def test_unknown_task_fails_first_and_lists_valid_names(tmp_path):
     with config.unlocked():
         config.task = "button-pres-v3"
     with pytest.raises(ValueError) as err:
-        mwx.run(config, str(tmp_path))
+        mwx.train_and_evaluate(config, str(tmp_path))
     message = str(err.value)
     assert "button-pres-v3" in message
     assert "button-press-v3" in message and "door-open-v3" in message
@@ -82,13 +88,13 @@ def test_unknown_task_fails_first_and_lists_valid_names(tmp_path):
     with config.unlocked():
         config.tasks = ("button-press-v3", "hammer")
     with pytest.raises(ValueError, match="did you mean 'hammer-v3'"):
-        mwx.run(config, str(tmp_path))
+        mwx.train_and_evaluate(config, str(tmp_path))
 
     config = mw_sweep.get_config("tiny")
     with config.unlocked():
         config.eval.ood_levels = ("S", "XL")
     with pytest.raises(ValueError, match="Unknown perturbation level 'XL'"):
-        mwx.run(config, str(tmp_path))
+        mwx.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
@@ -97,9 +103,9 @@ def test_normalizers_round_trip_through_the_saved_file(tmp_path):
     obs = Normalizer.fit(rng.normal(3.0, 2.0, (100, md.OBS_DIM)))
     action = Normalizer.fit(rng.normal(-0.5, 0.3, (100, md.ACTION_DIM)))
     path = str(tmp_path / "normalizers.npz")
-    mwx.save_normalizers(path, obs, action)
+    sac_experiment.save_normalizers(path, obs, action)
     assert [p.name for p in tmp_path.iterdir()] == ["normalizers.npz"]  # no temp file left
-    obs_loaded, action_loaded = mwx.load_normalizers(path)
+    obs_loaded, action_loaded = sac_experiment.load_normalizers(path)
     chex.assert_trees_all_close(obs_loaded, obs)
     chex.assert_trees_all_close(action_loaded, action)
     x = jnp.asarray(rng.normal(size=(5, 2, md.OBS_DIM)), jnp.float32)
@@ -107,7 +113,7 @@ def test_normalizers_round_trip_through_the_saved_file(tmp_path):
 
     np.savez(tmp_path / "other.npz", obs_mean=np.zeros(3))
     with pytest.raises(ValueError, match="missing"):
-        mwx.load_normalizers(str(tmp_path / "other.npz"))
+        sac_experiment.load_normalizers(str(tmp_path / "other.npz"))
 
 
 @pytest.mark.parametrize("kind", ["conservative", "free"])
@@ -118,21 +124,20 @@ def test_policy_chunks_have_env_shape_and_range(kind):
     obs_horizon, pred_horizon = config.data.obs_horizon, config.data.pred_horizon
     model = EnergyFlowModel.create(config.model, (obs_horizon, md.OBS_DIM), (pred_horizon, md.ACTION_DIM))
     params = model.init(jax.random.PRNGKey(0))
-    schedule = dsm.VESchedule.from_config(config.diffusion)
-    policy = mwx.make_policy(model, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma)
     # A large action std makes unnormalized chunks overflow [-1, 1] before clipping.
     obs_norm = Normalizer(jnp.zeros(md.OBS_DIM), jnp.ones(md.OBS_DIM))
     act_norm = Normalizer(jnp.full(md.ACTION_DIM, 0.2), jnp.full(md.ACTION_DIM, 5.0))
+    policy = Policy.create(model, config.model, config.diffusion, params, obs_norm, act_norm)
     obs = np.random.default_rng(0).normal(size=(3, obs_horizon, md.OBS_DIM)).astype(np.float32)
 
-    chunk = policy(params, obs_norm, act_norm, jnp.asarray(obs), jax.random.PRNGKey(1))
+    chunk = policy.act(obs, jax.random.PRNGKey(1))
     chex.assert_shape(chunk, (3, pred_horizon, md.ACTION_DIM))
     chex.assert_type(chunk, jnp.float32)
     chex.assert_tree_all_finite(chunk)
     assert float(jnp.max(jnp.abs(chunk))) <= 1.0
 
     # The evaluator's callable: numpy in, numpy out, fresh noise on every call.
-    policy_fn = mwx.make_policy_fn(policy, params, obs_norm, act_norm, jax.random.PRNGKey(2))
+    policy_fn = as_numpy_policy(policy, jax.random.PRNGKey(2))
     first, second = policy_fn(obs), policy_fn(obs)
     assert isinstance(first, np.ndarray) and first.shape == (3, pred_horizon, md.ACTION_DIM)
     assert not np.array_equal(first, second)

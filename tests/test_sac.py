@@ -10,6 +10,7 @@ import pytest
 
 from energyflow_jax.rewards import energy as rewards
 from energyflow_jax.rl.sac import agent as sac
+from energyflow_jax.rl.sac import loop as sac_loop
 from energyflow_jax.rl.sac import replay
 
 DENSE = rewards.make_reward_fn("dense")  # one object, so compiled steps are reused
@@ -104,7 +105,7 @@ def test_mismatched_reward_model_is_refused_before_training(tmp_path):
     metaworld_reward = rewards.make_reward_fn("centered", energy_fn=energy, obs_dim=39,
                                               act_dim=4, obs_horizon=2)
     with pytest.raises(ValueError, match="obs_dim=39 but the environment has obs_dim=3"):
-        sac.train_sac(small_config(), [pendulum], metaworld_reward, str(tmp_path / "run"))
+        sac_loop.train_sac(small_config(), [pendulum], metaworld_reward, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing started, nothing written
 
 
@@ -141,17 +142,17 @@ def test_killed_run_resumes_bit_identically(tmp_path):
                           replay_capacity=1000)
     envs = [short_pendulum] * 2
     full_dir, killed_dir = str(tmp_path / "full"), str(tmp_path / "killed")
-    full_agent, full_eval = sac.train_sac(config, envs, DENSE, full_dir, progress=False)
+    full_agent, full_eval = sac_loop.train_sac(config, envs, DENSE, full_dir, progress=False)
 
     counter = {"steps": 0}
     killing = lambda: _KillAfter(short_pendulum(), counter, limit=300)  # between checkpoints
     with pytest.raises(KeyboardInterrupt):
-        sac.train_sac(config, [killing] * 2, DENSE, killed_dir, eval_env_fn=short_pendulum,
-                      progress=False)
+        sac_loop.train_sac(config, [killing] * 2, DENSE, killed_dir,
+                           eval_env_fn=short_pendulum, progress=False)
     assert sorted(os.listdir(os.path.join(killed_dir, "checkpoints"))) == ["200"]
 
-    resumed_agent, resumed_eval = sac.train_sac(config, envs, DENSE, killed_dir,
-                                                progress=False)
+    resumed_agent, resumed_eval = sac_loop.train_sac(config, envs, DENSE, killed_dir,
+                                                     progress=False)
     full_leaves, resumed_leaves = jax.tree.leaves(full_agent), jax.tree.leaves(resumed_agent)
     assert len(full_leaves) == len(resumed_leaves)
     assert all(np.array_equal(a, b) for a, b in zip(full_leaves, resumed_leaves))
@@ -161,9 +162,10 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     # Other learner settings must not continue this run's checkpoint.
     other = small_config(**{**config.to_dict(), "actor_lr": 1e-3})
     with pytest.raises(ValueError, match="actor_lr"):
-        sac.train_sac(other, envs, DENSE, killed_dir, progress=False)
+        sac_loop.train_sac(other, envs, DENSE, killed_dir, progress=False)
 
 
+@pytest.mark.slow  # ~70 s on 2 cores
 def test_sac_learns_pendulum(tmp_path):
     # Random policy: about -1200. 6k env steps, 128-unit nets: ~1 minute on 2 cores.
     config = sac.default_config()
@@ -176,8 +178,8 @@ def test_sac_learns_pendulum(tmp_path):
     config.checkpoint_every = 6_000
     config.replay_capacity = 10_000
     start = time.time()
-    _, eval_metrics = sac.train_sac(config, [pendulum], DENSE, str(tmp_path / "run"),
-                                    progress=False)
+    _, eval_metrics = sac_loop.train_sac(config, [pendulum], DENSE, str(tmp_path / "run"),
+                                         progress=False)
     print(f"pendulum eval return {eval_metrics['eval/return']:.1f} "
           f"after {config.total_env_steps} steps in {time.time() - start:.0f}s")
     assert eval_metrics["eval/return"] > -400

@@ -37,6 +37,7 @@ def _load(path):
         return json.load(f)
 
 
+@pytest.mark.slow  # the shared tiny CLI run: ~3 min on 2 cores
 def test_cli_writes_results_report_and_plot(tiny_run):
     results = _load(tiny_run / "results.json")
     assert list(results["variants"]) == list(KINDS)
@@ -59,6 +60,7 @@ def test_cli_writes_results_report_and_plot(tiny_run):
     assert (tiny_run / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # the shared tiny CLI run: ~3 min on 2 cores
 def test_reward_quality_expert_above_random(tiny_run):
     """The tiny reward model (300 DSM steps, 4 demos) ranks held-out expert actions above
     uniform random ones (measured: 0.999) and above perturbed ones (0.996)."""
@@ -82,7 +84,7 @@ def test_mismatched_reward_model_refused_before_training(tmp_path):
         {"task": "other", "obs_shape": [2, 38], "action_shape": [1, 4]}))
     config = tiny_config()
     with pytest.raises(ValueError, match="obs_shape"):
-        sac_experiment.run(config, str(tmp_path))
+        sac_experiment.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["reward_model"]
 
 
@@ -96,13 +98,13 @@ def test_reward_model_of_another_task_is_refused(tmp_path):
          "action_shape": [1, 4]}))
     assert config.task != "door-open-v3"
     with pytest.raises(ValueError, match="trained on door-open-v3"):
-        sac_experiment.run(config, str(tmp_path))
+        sac_experiment.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["reward_model"]
 
 
 def test_reward_built_for_other_env_is_refused():
     """An energy model built for 38-dim observations cannot score a 39-dim env."""
-    import energyflow_jax.rewards as rewards
+    from energyflow_jax.rewards import energy as rewards
 
     config = tiny_config()
     model = EnergyFlowModel.create(config.reward_model.model, obs_shape=(2, 38), action_shape=(1, 4))
@@ -118,9 +120,9 @@ def test_unknown_kind_and_pred_horizon_fail_fast(tmp_path):
     with config.unlocked():
         config.reward.kinds = ("sparse", "centred")
     with pytest.raises(ValueError, match="unknown reward kind"):
-        sac_experiment.run(config, str(tmp_path))
+        sac_experiment.train_and_evaluate(config, str(tmp_path))
     config = tiny_config()
     with config.unlocked():
         config.reward_model.data.pred_horizon = 16
     with pytest.raises(ValueError, match="pred_horizon"):
-        sac_experiment.run(config, str(tmp_path))
+        sac_experiment.train_and_evaluate(config, str(tmp_path))

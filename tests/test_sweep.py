@@ -9,7 +9,7 @@ import pytest
 
 from energyflow_jax import config as config_lib
 from energyflow_jax import training
-from energyflow_jax.sweep import runner as sweep
+from energyflow_jax.sweep import grid as sweep_grid_lib, runner, tasks
 from energyflow_jax.models import EnergyFlowModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +22,9 @@ def sweep_config(grid=None, settings=(), seeds=(0, 1), **overrides):
     c.model.mlp_dims = (16,)
     c.sweep.seeds = tuple(seeds)
     c.sweep.settings = tuple(settings)
-    c.sweep.grid = sweep.sweep_grid(grid or {})
+    c.sweep.grid = sweep_grid_lib.sweep_grid(grid or {})
     for key, value in overrides.items():
-        node, leaf = sweep._lookup(c, key, "test")
+        node, leaf = sweep_grid_lib._lookup(c, key, "test")
         node[leaf] = value
     c.lock()
     return c
@@ -36,7 +36,7 @@ def test_expansion_and_grouping():
                            "model.mlp_dims": ((16,), (32, 32))},
                      settings=({"optim.ema_decay": 0.99}, {"train.batch_size": 16}),
                      seeds=(0, 1, 2))
-    members = sweep.expand(c)
+    members = sweep_grid_lib.expand(c)
     # settings x grid x seeds
     assert len(members) == 2 * 8 * 3
     assert [m.seed for m in members[:4]] == [0, 1, 2, 0]
@@ -46,7 +46,7 @@ def test_expansion_and_grouping():
     assert m.config.seed == 2 and m.config.is_locked
     assert members[0].config.optim.ema_decay == 0.99
 
-    groups = sweep.group_members(members)
+    groups = sweep_grid_lib.group_members(members)
     # Shape keys (widths; batch size) split groups; lr, sigma_max, ema decay and seeds do not.
     assert len(groups) == 4 and all(len(g.members) == 12 for g in groups)
     for g in groups:
@@ -57,12 +57,12 @@ def test_expansion_and_grouping():
         assert len(vm) == 12
     assert len({g.gid for g in groups}) == 4
     # Stable ids: the same config expands to the same group directories.
-    assert [g.gid for g in sweep.group_members(sweep.expand(c))] == [g.gid for g in groups]
+    assert [g.gid for g in sweep_grid_lib.group_members(sweep_grid_lib.expand(c))] == [g.gid for g in groups]
 
     only_vmappable = sweep_config(grid={"optim.learning_rate": (1e-3, 3e-3, 1e-2),
                                         "diffusion.sigma_min": (0.005, 0.01),
                                         "optim.ema_decay": (0.9, 0.99)})
-    assert len(sweep.group_members(sweep.expand(only_vmappable))) == 1
+    assert len(sweep_grid_lib.group_members(sweep_grid_lib.expand(only_vmappable))) == 1
 
 
 def test_group_ids_and_data_follow_every_setting_that_changes_training():
@@ -70,17 +70,17 @@ def test_group_ids_and_data_follow_every_setting_that_changes_training():
     same workdir must not resume or report the old groups), and a grid over the
     training set's size trains each group on its own size."""
     grid = {"optim.learning_rate": (1e-3, 3e-3)}
-    base = [g.gid for g in sweep.group_members(sweep.expand(sweep_config(grid=grid)))]
+    base = [g.gid for g in sweep_grid_lib.group_members(sweep_grid_lib.expand(sweep_config(grid=grid)))]
     for key, value in [("diffusion.sigma_min", 0.02), ("optim.ema_decay", 0.9)]:
         other = sweep_config(grid=grid, **{key: value})
-        gids = [g.gid for g in sweep.group_members(sweep.expand(other))]
+        gids = [g.gid for g in sweep_grid_lib.group_members(sweep_grid_lib.expand(other))]
         assert len(gids) == len(base) and not set(gids) & set(base), key
 
     c = sweep_config(grid={"toy.n_samples": (64, 96)})
-    groups = sweep.group_members(sweep.expand(c))
-    sizes = [sweep.ToyTask.data(c, g.config)[0]["actions"].shape[0] for g in groups]
+    groups = sweep_grid_lib.group_members(sweep_grid_lib.expand(c))
+    sizes = [tasks.ToyTask.data(c, g.config, "")[0]["actions"].shape[0] for g in groups]
     assert sizes == [64, 96]
-    heldout = [sweep.ToyTask.data(c, g.config)[1]["actions"] for g in groups]
+    heldout = [tasks.ToyTask.data(c, g.config, "")[1]["actions"] for g in groups]
     np.testing.assert_array_equal(heldout[0], heldout[1])  # one held-out set for all
 
 
@@ -94,7 +94,7 @@ def test_group_ids_and_data_follow_every_setting_that_changes_training():
 def test_bad_sweep_keys_fail_with_the_key_name(grid, settings, fragment):
     c = sweep_config(grid=grid, settings=settings)
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
-        sweep.expand(c)
+        sweep_grid_lib.expand(c)
 
 
 def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
@@ -114,14 +114,14 @@ def test_vmapped_members_match_separate_runs(tmp_path):
     c = sweep_config(settings=({"optim.learning_rate": 1e-3, "diffusion.sigma_max": 5.0},
                                {"optim.learning_rate": 3e-3, "diffusion.sigma_max": 2.0}),
                      seeds=(0, 1), **SHAPE)
-    (group,) = sweep.group_members(sweep.expand(c))
+    (group,) = sweep_grid_lib.group_members(sweep_grid_lib.expand(c))
     assert len(group.members) == 4
-    together, start = sweep.train_group(c, str(tmp_path), group)
+    together, start, _, _ = runner.train_group(c, str(tmp_path), group)
     assert start == 0 and together.params is not None
     if len(jax.local_devices()) > 1:
         assert len(together.step.sharding.device_set) == 2  # the member axis is split
 
-    data, _ = sweep.ToyTask.data(c, group.config)
+    data, _ = tasks.ToyTask.data(c, group.config, str(tmp_path))
     model = EnergyFlowModel.create(c.model, (1, 2), (1, 2))
     tx = training.make_optimizer(c.optim)
     chunk = training.make_train_chunk(model, tx, c.train.batch_size, 10, training.make_mesh(1))
@@ -135,20 +135,20 @@ def test_vmapped_members_match_separate_runs(tmp_path):
         singles.append(state)
     for i, single in enumerate(singles):
         assert int(together.step[i]) == 40
-        _assert_trees_close(sweep.unstack(together.params, i), single.params)
-        _assert_trees_close(sweep.unstack(together.ema_params, i), single.ema_params)
+        _assert_trees_close(training.unstack(together.params, i), single.params)
+        _assert_trees_close(training.unstack(together.ema_params, i), single.ema_params)
     losses = [json.loads(ln)["loss"] for ln in open(tmp_path / "groups" / group.gid / "metrics.jsonl")]
     assert np.asarray(losses).shape == (4, 4)  # chunks x members
 
     # The purejaxrl-style pure function: jit(vmap(train))(rngs, hparams).
     pair = group.members[:2]  # same setting, seeds 0 and 1
-    train = sweep.make_train(c, model, data)
+    train = training.make_train(c, model, data)
     state, metrics = jax.jit(jax.vmap(train))(
         jnp.stack([jax.random.PRNGKey(m.seed) for m in pair]),
-        sweep.stack([training.HParams.from_config(m.config) for m in pair]))
+        training.stack([training.HParams.from_config(m.config) for m in pair]))
     assert metrics["loss"].shape == (2, 4)
     for i in range(2):
-        _assert_trees_close(sweep.unstack(state.ema_params, i), singles[i].ema_params)
+        _assert_trees_close(training.unstack(state.ema_params, i), singles[i].ema_params)
 
 
 class _Interrupted(Exception):
@@ -166,11 +166,11 @@ def test_resume_does_not_redo_finished_groups(tmp_path):
                                {"optim.learning_rate": 1e-3, "train.batch_size": 16},
                                {"optim.learning_rate": 3e-3, "train.batch_size": 16}),
                      seeds=(0, 1), **SHAPE)
-    groups = sweep.group_members(sweep.expand(c))
+    groups = sweep_grid_lib.group_members(sweep_grid_lib.expand(c))
     assert len(groups) == 2 and all(len(g.members) == 4 for g in groups)
     first, second = (g.gid for g in groups)
 
-    reference = sweep.run(c, str(tmp_path / "reference"))
+    reference = runner.run(c, str(tmp_path / "reference"))
     assert reference["n_members"] == 8 and reference["n_groups"] == 2
 
     workdir = str(tmp_path / "interrupted")
@@ -180,12 +180,12 @@ def test_resume_does_not_redo_finished_groups(tmp_path):
             raise _Interrupted
 
     with pytest.raises(_Interrupted):
-        sweep.run(c, workdir, on_chunk=interrupt)
+        runner.run(c, workdir, on_chunk=interrupt)
     state = json.load(open(os.path.join(workdir, "sweep_state.json")))
     assert state["finished_groups"] == [first] and state["pending_groups"] == [second]
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-    report = sweep.run(c, workdir)
+    report = runner.run(c, workdir)
     assert report["groups_skipped_as_finished"] == 1
 
     def status(gid):
@@ -215,7 +215,7 @@ def test_resume_does_not_redo_finished_groups(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "results.png")) > 1000
 
     # A finished sweep re-run trains nothing.
-    again = sweep.run(c, workdir)
+    again = runner.run(c, workdir)
     assert again["groups_skipped_as_finished"] == 2
     assert status(first)["runs"] == 1 and status(second)["runs"] == 2
 
@@ -232,4 +232,4 @@ def test_ray_is_optional():
     c.sweep.ray_address = "auto"
     c.lock()
     with pytest.raises(ImportError, match="ray_address"):
-        sweep._run_groups_ray(c, "/nonexistent", sweep.group_members(sweep.expand(c)))
+        runner._run_groups_ray(c, "/nonexistent", sweep_grid_lib.group_members(sweep_grid_lib.expand(c)))

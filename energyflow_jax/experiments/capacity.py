@@ -329,7 +329,7 @@ def summarize(slopes: dict, gen_slopes: dict, rows: list[dict]) -> dict:
     return summary
 
 
-def run(config, workdir) -> dict:
+def train_and_evaluate(config, workdir) -> dict:
     """Runs the sweep described by `config`, writes capacity.json and the two plots to
     `workdir`, and returns the summary (fitted slopes)."""
     workdir = os.fspath(workdir)

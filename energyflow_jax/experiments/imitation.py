@@ -10,9 +10,9 @@ workdir/<task>/seed<k>/ and workdir/report.json aggregates them beside the
 published numbers. Re-running a command resumes training from the checkpoints
 and reuses the cached demos.
 
-Files of one run: normalizers.npz (the standardization the model was trained
-with; the policy needs it), checkpoints/, metrics.jsonl, eval_episodes.json
-(every rollout), rollouts/*.png, report.json, summary.md, summary.png.
+Files of one run: checkpoints/ (each step holds the train state and the Policy:
+`Policy.load(workdir)`), metrics.jsonl, eval_episodes.json (every rollout),
+rollouts/*.png, report.json, summary.md, summary.png.
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from energyflow_jax.io import run_dir
-from energyflow_jax.objectives import dsm
 from energyflow_jax.data import metaworld as demos
-from energyflow_jax.data.windows import Normalizer, make_dataset
+from energyflow_jax.data.windows import make_dataset
 from energyflow_jax.evaluation import metaworld_eval
+from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.policy import Policy, as_numpy_policy
 from energyflow_jax.training.loop import fit, write_report
 
 # Success %, mean over 3 seeds, from the paper (Meta-World v2; we run v3). NOTES.md.
@@ -40,65 +40,6 @@ PUBLISHED_SUCCESS = {
     "Diffusion Policy": {"button-press": 100.0, "drawer-open": 93.6, "assembly": 76.4,
                          "bin-picking": 89.6, "hammer": 94.0},
 }
-
-NORMALIZERS_FILE = "normalizers.npz"
-
-
-# --------------------------------------------------------------------------- normalizers
-
-
-def save_normalizers(path: str, obs_normalizer: Normalizer, action_normalizer: Normalizer) -> None:
-    """Write both normalizers to one .npz atomically (temp file + rename)."""
-    arrays = {"obs_mean": obs_normalizer.mean, "obs_std": obs_normalizer.std,
-              "action_mean": action_normalizer.mean, "action_std": action_normalizer.std}
-    run_dir.atomic_write(path, lambda f: np.savez(
-        f, **{k: np.asarray(v, np.float32) for k, v in arrays.items()}))
-
-
-def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:
-    """(obs_normalizer, action_normalizer) saved by :func:`save_normalizers`."""
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"obs_mean", "obs_std", "action_mean", "action_std"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path} is not a normalizer file: missing {sorted(missing)}")
-        obs = Normalizer(mean=jnp.asarray(npz["obs_mean"]), std=jnp.asarray(npz["obs_std"]))
-        action = Normalizer(mean=jnp.asarray(npz["action_mean"]), std=jnp.asarray(npz["action_std"]))
-    return obs, action
-
-
-# --------------------------------------------------------------------------- policy
-
-
-def make_policy(model: EnergyFlowModel, schedule: dsm.VESchedule, n_steps: int, gamma: float):
-    """jit((params, obs_normalizer, action_normalizer, obs, rng) -> chunk).
-
-    obs: (B, obs_horizon, 39) raw observations; chunk: (B, pred_horizon, 4) in the
-    env's action space. Pure: everything it depends on is an argument or static.
-    """
-    @jax.jit
-    def policy(params, obs_normalizer: Normalizer, action_normalizer: Normalizer,
-               obs: jax.Array, rng: jax.Array) -> jax.Array:
-        s = obs_normalizer.normalize(obs.astype(jnp.float32))
-        a = dsm.sample(model, params, s, rng, schedule, n_steps, gamma)
-        # The env clips anyway; clipping here makes the chunk a valid action as returned.
-        return jnp.clip(action_normalizer.unnormalize(a), -1.0, 1.0)
-
-    return policy
-
-
-def make_policy_fn(policy, params, obs_normalizer, action_normalizer, rng: jax.Array):
-    """The evaluator's numpy -> numpy callable; call i samples with fold_in(rng, i)."""
-    calls = 0
-
-    def policy_fn(obs_history: np.ndarray) -> np.ndarray:
-        nonlocal calls
-        key = jax.random.fold_in(rng, calls)
-        calls += 1
-        return np.asarray(policy(params, obs_normalizer, action_normalizer,
-                                 jnp.asarray(obs_history), key))
-
-    return policy_fn
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -122,18 +63,17 @@ def _eval_levels(config) -> list[str]:
     return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
 
 
+def make_policy(config, model: EnergyFlowModel, dataset, ema_params) -> Policy:
+    """The run's policy: EMA params, the normalizers the windows were made with, and the
+    sampler settings. Meta-World actions are clipped to the env's [-1, 1] box."""
+    return Policy.create(model, config.model, config.diffusion, ema_params,
+                         dataset.obs_normalizer, dataset.action_normalizer, (-1.0, 1.0))
+
+
 def demo_cache_path(config, workdir: str, task: str) -> str:
     cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
     return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
                                    f"_T{config.data.max_steps}.npz")
-
-
-def pooled_success(results: list[dict]) -> dict[str, Any]:
-    """Success pooled over several evaluate() results (e.g. eval seeds), Wilson CI."""
-    n = sum(r["n_episodes"] for r in results)
-    k = sum(r["n_successes"] for r in results)
-    return {"success_rate": k / n, "ci95": list(metaworld_eval.wilson_interval(k, n)),
-            "n_episodes": n, "n_successes": k}
 
 
 def _short(task: str) -> str:
@@ -162,29 +102,22 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     model = EnergyFlowModel.create(
         config.model, obs_shape=(config.data.obs_horizon, demos.OBS_DIM),
         action_shape=(config.data.pred_horizon, demos.ACTION_DIM))
-    state, info = fit(config, workdir, model, dataset.arrays())
-    # After fit, which refuses a workdir trained on other data: the normalizers
-    # of the model in this workdir are never replaced by another task's.
-    if run_dir.is_main_process():
-        save_normalizers(os.path.join(workdir, NORMALIZERS_FILE), dataset.obs_normalizer,
-                         dataset.action_normalizer)
+    state, info = fit(config, workdir, model, dataset.arrays(),
+                      make_policy=lambda ema_params: make_policy(config, model, dataset, ema_params))
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    schedule = dsm.VESchedule.from_config(config.diffusion)
-    policy = make_policy(model, schedule, config.diffusion.n_sample_steps, config.diffusion.gamma)
     # Gathered onto the default device: training may have replicated them over a mesh.
-    params = jax.device_put(jax.device_get(state.ema_params))
+    policy = make_policy(config, model, dataset, jax.device_put(jax.device_get(state.ema_params)))
     # Compile once up front, at the evaluator's batch shape, so latency excludes it.
     num_envs = min(config.eval.num_envs or config.eval.n_episodes, config.eval.n_episodes)
     t_compile = time.perf_counter()
-    jax.block_until_ready(policy(params, dataset.obs_normalizer, dataset.action_normalizer,
-                                 jnp.zeros((num_envs, config.data.obs_horizon, demos.OBS_DIM)),
-                                 jax.random.PRNGKey(0)))
+    jax.block_until_ready(policy.act(np.zeros((num_envs, *model.obs_shape)), jax.random.PRNGKey(0)))
     timing["policy_compile_s"] = time.perf_counter() - t_compile
     demo_rand_vecs = np.stack([ep["rand_vec"] for ep in episodes])
     eval_kwargs = dict(obs_horizon=config.data.obs_horizon, exec_horizon=config.data.exec_horizon,
                        max_steps=config.eval.max_steps, num_envs=config.eval.num_envs or None,
+                       num_workers=config.eval.num_workers,
                        exclude_rand_vecs=demo_rand_vecs, progress=progress)
     levels = _eval_levels(config)
     results: dict[str, list[dict]] = {lv: [] for lv in levels}
@@ -192,8 +125,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
         for level in levels:
             plot = level == "0" and eval_seed == config.eval.seeds[0]
             rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000 + int(eval_seed))
-            policy_fn = make_policy_fn(policy, params, dataset.obs_normalizer,
-                                       dataset.action_normalizer, rng)
+            policy_fn = as_numpy_policy(policy, rng)
             results[level].append(metaworld_eval.evaluate(
                 policy_fn, task, config.eval.n_episodes, int(eval_seed), perturbation=level,
                 n_plot=config.eval.n_plot if plot else 0,
@@ -308,7 +240,7 @@ def aggregate_markdown(rows: list[dict], kind: str) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
     tasks = _tasks(config)
     seeds = _seeds(config)

@@ -32,13 +32,14 @@ import ml_collections
 import numpy as np
 
 from energyflow_jax.io import run_dir
+from energyflow_jax.io.run_dir import read_metrics  # run_seed's run_dir is a path
 from energyflow_jax.rewards import energy as rewards
 from energyflow_jax.data import metaworld as demos
 from energyflow_jax.data.windows import make_dataset, make_windows
-from energyflow_jax.experiments.imitation import (NORMALIZERS_FILE, demo_cache_path,
-                                                 load_normalizers, save_normalizers)
+from energyflow_jax.experiments.imitation import demo_cache_path
+from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.rl.sac.agent import train_sac
+from energyflow_jax.rl.sac.loop import train_sac
 from energyflow_jax.training.loop import fit
 
 ENERGY_KINDS = ("raw", "centered", "raw+sparse", "centered+sparse")
@@ -77,6 +78,30 @@ def env_dims(task: str) -> tuple[int, int]:
     dims = (int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape)))
     env.close()
     return dims
+
+
+# The reward model's standardization, kept beside its checkpoints.
+NORMALIZERS_FILE = "normalizers.npz"
+
+
+def save_normalizers(path: str, obs_normalizer: Normalizer, action_normalizer: Normalizer) -> None:
+    """Write both normalizers to one .npz atomically (temp file + rename)."""
+    arrays = {"obs_mean": obs_normalizer.mean, "obs_std": obs_normalizer.std,
+              "action_mean": action_normalizer.mean, "action_std": action_normalizer.std}
+    run_dir.atomic_write(path, lambda f: np.savez(
+        f, **{k: np.asarray(v, np.float32) for k, v in arrays.items()}))
+
+
+def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:
+    """(obs_normalizer, action_normalizer) saved by :func:`save_normalizers`."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"obs_mean", "obs_std", "action_mean", "action_std"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path} is not a normalizer file: missing {sorted(missing)}")
+        obs = Normalizer(mean=jnp.asarray(npz["obs_mean"]), std=jnp.asarray(npz["obs_std"]))
+        action = Normalizer(mean=jnp.asarray(npz["action_mean"]), std=jnp.asarray(npz["action_std"]))
+    return obs, action
+
 
 
 # --------------------------------------------------------------------------- reward model
@@ -350,14 +375,14 @@ def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
     eval_fn = make_env_fn(task, 1000 * seed + 999, config.max_episode_steps)
     train_sac(sac_config, env_fns, reward, run_dir, eval_env_fn=eval_fn,
               progress=bool(config.log.progress))
-    curve = eval_curve(run_dir.read_metrics(run_dir))
+    curve = eval_curve(read_metrics(run_dir))
     if not curve["step"]:
         raise RuntimeError(f"{run_dir}: no eval in metrics.jsonl")
     return {"seed": seed, "final_step": curve["step"][-1], "final_success": curve["success"][-1],
             "final_return": curve["return"][-1], "curve": curve}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_start = time.perf_counter()
     task = demos.validate_task_name(config.task)
     kinds = reward_kinds(config)

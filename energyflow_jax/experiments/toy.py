@@ -14,7 +14,9 @@ import ml_collections
 from energyflow_jax.data import toy
 from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.objectives import dsm
+from energyflow_jax.policy import Policy
 from energyflow_jax.training.loop import fit, write_report
 
 
@@ -31,7 +33,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     data = toy.make_dataset(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)
     model = EnergyFlowModel.create(config.model, obs_shape=(1, 2), action_shape=(1, 2))
-    state, info = fit(config, workdir, model, data)
+    # The toy's states and actions are used unnormalized, and its actions are unbounded.
+    state, info = fit(config, workdir, model, data, make_policy=lambda ema_params: Policy.create(
+        model, config.model, config.diffusion, ema_params, Normalizer.identity(2),
+        Normalizer.identity(2), action_bounds=None))
     extra = {}
     schedule = dsm.VESchedule.from_config(config.diffusion)
     if model.kind == "conservative":

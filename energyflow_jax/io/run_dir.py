@@ -128,9 +128,15 @@ def drop_metrics_after(path: str, step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends to DIR/metrics.jsonl, and to TensorBoard / wandb when enabled."""
+    """Appends to DIR/metrics.jsonl, and to TensorBoard / wandb when enabled.
 
-    def __init__(self, workdir: str, log_config, config_dict: dict, resume_step: int = 0):
+    log_config: a config with `tensorboard`, `wandb` (and `wandb_project`) flags;
+    None writes metrics.jsonl only. Lines for steps after resume_step (logged by a
+    killed run after its last checkpoint, and redone now) are dropped first.
+    """
+
+    def __init__(self, workdir: str, log_config=None, config_dict: dict | None = None,
+                 resume_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = is_main_process()
         self._tb = None
@@ -139,6 +145,8 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         drop_metrics_after(self.path, resume_step)
+        if log_config is None:
+            return
         if log_config.tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -151,11 +159,18 @@ class MetricsWriter:
                                      dir=workdir, resume="allow")
 
     def write(self, step: int, metrics: dict) -> None:
+        """metrics: {name: float, or a list of floats, one per member of a stacked run}."""
         if not self.enabled:
             return
-        scalars = {k: float(v) for k, v in metrics.items()}
+        values = {k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+                  for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        # TensorBoard and wandb get one scalar per member: name/m<i>.
+        scalars = {}
+        for k, v in values.items():
+            scalars.update({f"{k}/m{i}": x for i, x in enumerate(v)} if isinstance(v, list)
+                           else {k: v})
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
@@ -170,6 +185,14 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def read_json(path: str, default=None):
+    """The JSON at path, or `default` when there is no such file."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -178,11 +201,28 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, max_to_keep: int, *,
+                       asynchronous: bool = True) -> ocp.CheckpointManager:
+    """Orbax manager for DIR/checkpoints.
+
+    asynchronous=False makes `save` return only once the checkpoint is written: needed
+    by a loop whose next step donates (overwrites in place) the arrays being saved.
+    """
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=asynchronous),
     )
+
+
+STATE_ITEM = "state"
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, extra_items=None) -> None:
+    """Save `state` as the item "state" of checkpoint `step`, beside `extra_items`
+    ({name: orbax save args}, e.g. `Policy.checkpoint_args()`)."""
+    manager.save(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(state)}, **(extra_items or {})))
 
 
 def restore_latest(manager: ocp.CheckpointManager, target):
@@ -196,7 +236,11 @@ def restore_latest(manager: ocp.CheckpointManager, target):
         return target, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        if os.path.isdir(os.path.join(str(manager.directory), str(step), STATE_ITEM)):
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+        else:  # a checkpoint of the state alone (written before checkpoints had items)
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # noqa: BLE001 - re-raised with the fix spelled out
         raise RuntimeError(
             f"could not restore checkpoint step {step} from {manager.directory}: {e}\n"

@@ -7,17 +7,22 @@ from __future__ import annotations
 import math
 import os
 import signal
+import functools
+import json
 import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from energyflow_jax import training
 from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.objectives import dsm
 
 # Test-only: SIGKILL this process right after chunk N, to test resumption
 # against a real kill at a reproducible point.
@@ -40,21 +45,95 @@ def validate_data(data: dict) -> None:
                          f"{data['obs'].shape[0]} vs {data['actions'].shape[0]}")
 
 
+class MemberRun(NamedTuple):
+    """One of several runs trained together: its config (differing from the others
+    only in vmappable hyperparameters) and its training seed."""
+
+    config: ml_collections.ConfigDict
+    seed: int
+
+
+def _init_state(config, model, tx, members, mesh):
+    if members is None:
+        state = training.TrainState.create(model, tx, training.HParams.from_config(config),
+                                           jax.random.PRNGKey(config.seed))
+        return training.replicate(state, mesh)
+    # One member at a time with the single-member init: vmapping the init
+    # compiles several times slower, for nothing.
+    create = _jitted_create(model, _optim_key(config))
+    states = [create(training.HParams.from_config(m.config), jax.random.PRNGKey(m.seed))
+              for m in members]
+    return jax.device_put(training.stack(states), NamedSharding(mesh, P("member")))
+
+
+def _optim_key(config) -> str:
+    return json.dumps(config.optim.to_dict(), sort_keys=True)
+
+
+# Compiled programs are kept per shape for the process, so repeated fits (seeds
+# run one after another, sweep groups, a resumed run) do not compile again.
+@functools.lru_cache(maxsize=8)
+def _jitted_create(model, optim_key: str):
+    tx = training.make_optimizer(ml_collections.ConfigDict(json.loads(optim_key)))
+    return jax.jit(lambda hparams, rng: training.TrainState.create(model, tx, hparams, rng))
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_program(model, optim_key: str, batch_size: int, n_steps: int, mesh, members: bool,
+                   loss_fn):
+    tx = training.make_optimizer(ml_collections.ConfigDict(json.loads(optim_key)))
+    make = training.make_member_chunk if members else training.make_train_chunk
+    return make(model, tx, batch_size, n_steps, mesh, loss_fn)
+
+
+def _host(metrics) -> dict:
+    """Chunk metrics on the host: floats for one run, lists (one per member) for several."""
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v]
+    return out
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
-        data: dict) -> tuple[training.TrainState, dict]:
-    """Train (or resume) to config.optim.total_steps; returns (state, info)."""
+        data: dict, make_policy: Callable[[Any], Any] | None = None, *,
+        members: Sequence[MemberRun] | None = None, member_devices: int = 0,
+        loss_fn: training.LossFn = dsm.dsm_loss,
+        on_chunk: Callable[[int], None] | None = None) -> tuple[training.TrainState, dict]:
+    """Train (or resume) to config.optim.total_steps; returns (state, info).
+
+    The one run loop: chunks of `train.steps_per_chunk` jitted steps, with
+    metrics (DIR/metrics.jsonl, TensorBoard), a progress bar, orbax checkpoints
+    every `train.checkpoint_every_chunks` chunks and at the end, and resume from
+    the latest checkpoint of DIR (refused if it was trained with other settings
+    or data). DIR/status.json counts invocations and chunks trained.
+
+    make_policy(ema_params) -> Policy: when given, each checkpoint also saves
+    the policy (see `Policy.load`). members: train these runs together, the
+    state stacked along a leading member axis sharded over up to
+    `member_devices` devices (0: all), one vmapped program; metrics are then
+    per-member lists. loss_fn: the objective (DSM by default).
+    on_chunk(step) runs after each chunk and its checkpoint.
+    """
     validate_data(data)
+    if members is not None and make_policy is not None:
+        raise ValueError("fit saves a Policy for single runs only, not for stacked members")
     data_sha256 = run_dir.tree_fingerprint(data)
-    mesh = training.make_mesh(config.train.num_devices or None)
+    if members is None:
+        mesh = training.make_mesh(config.train.num_devices or None)
+    else:
+        mesh = training.member_mesh(len(members), member_devices)
     tx = training.make_optimizer(config.optim)
-    state = training.TrainState.create(model, tx, training.HParams.from_config(config),
-                                       jax.random.PRNGKey(config.seed))
-    state = training.replicate(state, mesh)
     data = training.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
     manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
-    run_dir.check_resume(workdir, config.to_dict(), data_sha256,
-                        resuming=manager.latest_step() is not None)
+    spec = config.to_dict()
+    if members is not None:  # what the members differ in is part of what was trained
+        spec["members"] = [{"seed": m.seed, "hparams": _hparams_dict(m.config)} for m in members]
+    run_dir.check_resume(workdir, spec, data_sha256,
+                         resuming=manager.latest_step() is not None,
+                         may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
+    state = _init_state(config, model, tx, members, mesh)
     state, start_step = run_dir.restore_latest(manager, state)
     total = config.optim.total_steps
     per_chunk = config.train.steps_per_chunk
@@ -62,6 +141,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         raise RuntimeError(f"checkpoint step {start_step} is not a multiple of "
                            f"train.steps_per_chunk={per_chunk}; resume with the original config")
     writer = run_dir.MetricsWriter(workdir, config.log, config.to_dict(), resume_step=start_step)
+    status_path = os.path.join(workdir, "status.json")
+    status = run_dir.read_json(status_path, {"chunks_trained": 0, "runs": 0})
+    status.update(runs=status["runs"] + 1, step=start_step, total_steps=total)
+    if run_dir.is_main_process():
+        run_dir.write_json(status_path, status)
     chunk_fns = {}
     kill_after = int(os.environ.get(_KILL_AFTER_CHUNK, "0"))
     n_chunks = math.ceil(total / per_chunk)
@@ -76,34 +160,54 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
         n = min(per_chunk, total - step)
         if n not in chunk_fns:  # the last chunk may be shorter: a second program
-            chunk_fns[n] = training.make_train_chunk(model, tx, config.train.batch_size, n, mesh)
+            chunk_fns[n] = _chunk_program(model, _optim_key(config), config.train.batch_size,
+                                          n, mesh, members is not None, loss_fn)
         t0 = time.perf_counter()
         state, chunk_metrics = chunk_fns[n](state, data)
-        metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
+        metrics = _host(chunk_metrics)
         step += n
         metrics["steps_per_s"] = n / (time.perf_counter() - t0)
-        if not math.isfinite(metrics["loss"]):
+        loss = np.asarray(metrics["loss"])
+        if not np.all(np.isfinite(loss)):
             # Non-finite steps are skipped by the optimizer; a non-finite mean
             # loss over a whole chunk still deserves a loud warning.
             tqdm.write(f"warning: non-finite mean loss in the chunk ending at step {step}")
         writer.write(step, metrics)
         bar.update(n)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['steps_per_s']:.2f}")
+        bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", sps=f"{metrics['steps_per_s']:.2f}")
         last = chunk_index == n_chunks - 1
         if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
-            manager.save(step, args=run_dir.ocp.args.StandardSave(state))
+            extra = make_policy(state.ema_params).checkpoint_args() if make_policy else None
+            run_dir.save_checkpoint(manager, step, state, extra)
+            if members is not None:
+                manager.wait_until_finished()
+        status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
+        if run_dir.is_main_process():
+            run_dir.write_json(status_path, status)
+        if on_chunk is not None:
+            on_chunk(step)
         if kill_after and chunk_index + 1 == kill_after:
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     manager.wait_until_finished()
+    manager.close()
     writer.close()
+    steps = np.asarray(jax.device_get(state.step))
+    skipped = np.asarray(jax.device_get(state.n_skipped))
     info = {"final_metrics": metrics, "resumed_from_step": start_step,
-            "steps": int(jax.device_get(state.step)),
-            "n_skipped_updates": int(jax.device_get(state.n_skipped)),
-            "n_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+            "steps": int(steps) if steps.ndim == 0 else steps.tolist(),
+            "n_skipped_updates": int(skipped) if skipped.ndim == 0 else skipped.tolist(),
+            "n_params": int(sum(x.size for x in jax.tree.leaves(state.params))
+                            // (1 if members is None else len(members))),
             "devices": [str(d) for d in mesh.devices.flat]}
     return state, info
+
+
+def _hparams_dict(member_config) -> dict:
+    h = training.HParams.from_config(member_config)
+    return {"learning_rate": float(h.learning_rate), "ema_decay": float(h.ema_decay),
+            "sigma_min": float(h.schedule.sigma_min), "sigma_max": float(h.schedule.sigma_max)}
 
 
 def write_report(workdir: str, config, state: training.TrainState, info: dict,

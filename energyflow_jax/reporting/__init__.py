@@ -1,0 +1,1 @@
+"""Tables, plots and summaries of finished runs."""
