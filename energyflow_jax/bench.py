@@ -178,12 +178,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating measurements of ours and the reference; "
                              "figures are medians")
+    parser.add_argument("--eval-workers", type=int, default=0, metavar="N",
+                        help="time only Meta-World evaluation: env steps/s in-process vs N "
+                             "worker processes (10 envs x 100 steps, random policy)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time an 8-member vmapped sweep against 8 sequential runs")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
+    if args.eval_workers:
+        results = bench_eval_workers(args.eval_workers, repeats=max(args.repeats, 2))
+        print(json.dumps(results, indent=2))
+        return results
     if args.no_ref:
         ref_skipped = "--no-ref"
     elif jax.default_backend() != "cpu":
@@ -329,6 +336,45 @@ def bench_sweep(n_members: int = 8, steps: int = 20, batch_size: int = 256,
             "vmapped_compile_s": round(vm_first - vm_s, 1),
             "sequential_compile_s": round(seq_first - seq_s, 1),
             "repeats": repeats}
+
+
+def bench_eval_workers(num_workers: int, n_envs: int = 10, steps: int = 100,
+                       repeats: int = 4, task: str = "button-press-v3") -> dict:
+    """Env steps/s of the rollout with the envs in this process vs in worker processes.
+
+    A random policy, so the figure is the environment side alone. The two
+    alternate (order flipped every repeat); the speedup is the median of
+    per-repeat ratios. Start-up (building envs, spawning workers) is reported
+    separately.
+    """
+    from energyflow_jax.envs.workers import make_batched_env
+    from energyflow_jax.evaluation import metaworld_eval
+    from energyflow_jax.evaluation.rollout import rollout
+
+    spec = metaworld_eval.eval_env_spec(task, n_envs, seed=0, max_steps=steps)
+    rates = {0: [], num_workers: []}
+    startup = {0: [], num_workers: []}
+    for r in range(repeats):
+        for workers in ((0, num_workers) if r % 2 == 0 else (num_workers, 0)):
+            t0 = time.perf_counter()
+            env = make_batched_env(spec, n_envs, workers)
+            t1 = time.perf_counter()
+            try:
+                out = rollout(env, metaworld_eval.make_random_policy_fn(8, seed=r),
+                              list(range(n_envs)), 2, 8, steps)
+            finally:
+                env.close()
+            rates[workers].append(out.env_steps / (time.perf_counter() - t1))
+            startup[workers].append(t1 - t0)
+    ratios = [w / s for s, w in zip(rates[0], rates[num_workers])]
+    return {"task": task, "n_envs": n_envs, "steps": steps, "repeats": repeats,
+            "num_workers": num_workers,
+            "in_process_steps_per_s": round(float(np.median(rates[0])), 1),
+            "workers_steps_per_s": round(float(np.median(rates[num_workers])), 1),
+            "workers_speedup_median_of_ratios": round(float(np.median(ratios)), 3),
+            "per_repeat_ratios": [round(x, 3) for x in ratios],
+            "in_process_startup_s": round(float(np.median(startup[0])), 2),
+            "workers_startup_s": round(float(np.median(startup[num_workers])), 2)}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ checkpoint step is self-describing: loading needs no config file.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -50,10 +51,13 @@ class Policy(struct.PyTreeNode):
     @classmethod
     def create(cls, model: EnergyFlowModel, model_config, diffusion_config, params,
                obs_normalizer: Normalizer, action_normalizer: Normalizer,
-               action_bounds: tuple[float, float] | None = (-1.0, 1.0)) -> "Policy":
-        """`action_bounds` clips the unnormalized chunk (None: no clipping)."""
+               action_bounds: tuple[float, float] | None = (-1.0, 1.0),
+               objective: str = "dsm") -> "Policy":
+        """`action_bounds` clips the unnormalized chunk (None: no clipping).
+        `objective` names the module of energyflow_jax.objectives whose `sample`
+        draws the chunks (the one the model was trained with)."""
         spec = {
-            "format": SPEC_FORMAT,
+            "format": SPEC_FORMAT, "objective": objective,
             "model": _plain(model_config),
             "obs_shape": list(model.obs_shape), "action_shape": list(model.action_shape),
             "n_sample_steps": int(diffusion_config.n_sample_steps),
@@ -167,7 +171,8 @@ class Policy(struct.PyTreeNode):
         return cls.create(model, model_config, diffusion, params,
                           Normalizer.identity(spec["obs_shape"][-1]),
                           Normalizer.identity(spec["action_shape"][-1]),
-                          action_bounds=None if bounds is None else tuple(bounds))
+                          action_bounds=None if bounds is None else tuple(bounds),
+                          objective=spec["objective"])
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
@@ -188,7 +193,8 @@ def _plain(config) -> dict:
 def _act(policy: Policy, obs: jax.Array, rng: jax.Array) -> jax.Array:
     settings = policy.settings
     s = policy.obs_normalizer.normalize(obs)
-    a = dsm.sample(policy.model, policy.params, s, rng, policy.schedule,
+    objective = importlib.import_module(f"energyflow_jax.objectives.{settings['objective']}")
+    a = objective.sample(policy.model, policy.params, s, rng, policy.schedule,
                    settings["n_sample_steps"], settings["gamma"])
     a = policy.action_normalizer.unnormalize(a)
     if settings["action_bounds"] is not None:
@@ -215,3 +221,12 @@ def as_numpy_policy(policy: Policy, rng: jax.Array):
         return np.asarray(policy.act(obs_history, key))
 
     return act
+
+
+@jax.jit
+def act_stacked(policy: Policy, obs: jax.Array, rngs: jax.Array) -> jax.Array:
+    """Members' policies in one sampler call: policy.params stacked along a leading
+    member axis (normalizers shared), obs (M, B, obs_horizon, obs_dim), rngs (M,)
+    -> chunks (M, B, pred_horizon, action_dim). Member m's rows equal
+    `unstacked_m.act(obs[m], rngs[m])` up to float rounding."""
+    return jax.vmap(lambda p, o, r: _act(policy.replace(params=p), o, r))(policy.params, obs, rngs)

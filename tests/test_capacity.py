@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_sweep_config(preset):
-    return config_lib.load(f"sweeps/capacity.py:{preset}")
+    return config_lib.load(f"sweeps/capacity.py:{preset or 'default'}")
 
 
 def test_estimator_matches_closed_form_on_linear_classes():

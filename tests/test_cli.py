@@ -10,10 +10,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, *overrides, env_extra=None, preset="tiny"):
+def _run(workdir, *overrides, env_extra=None, preset="tiny", config=None):
     env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}
     env.pop("XLA_FLAGS", None)  # one device: what a user's plain run gets
-    cmd = [sys.executable, "-m", "energyflow_jax.main", f"--config=sweeps/toy.py:{preset}",
+    config = config or f"sweeps/toy.py:{preset}"
+    cmd = [sys.executable, "-m", "energyflow_jax.main", f"--config={config}",
            f"--workdir={workdir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -52,6 +53,12 @@ def test_run_report_resume_and_sigkill(tmp_path):
     other = _run(full, "--config.optim.learning_rate=0.01")
     assert other.returncode != 0 and "optim.learning_rate" in other.stderr
     assert _report(full)["resumed_from_step"] == 60 and _metric_steps(full) == [10, 20, 30, 40, 50, 60]
+
+    # Another experiment in the same workdir: refused before any work, nothing written.
+    before = sorted(os.listdir(full))
+    foreign = _run(full, config="sweeps/metaworld.py:tiny")
+    assert foreign.returncode != 0 and "experiment: 'toy' in the checkpointed run" in foreign.stderr
+    assert sorted(os.listdir(full)) == before  # no demos/ collected, no files touched
 
     # SIGKILL after chunk 3; checkpoints every 2 chunks, so chunk 3 is lost
     # and redone. The resumed run must end bitwise identical.

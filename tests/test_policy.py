@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from energyflow_jax import config as config_lib
-from energyflow_jax.experiments import toy as toy_experiment
 from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.normalizer import Normalizer
@@ -99,12 +98,3 @@ def test_bad_input_and_bad_workdirs(tmp_path):
         Policy.load(str(old))
     with pytest.raises(ValueError, match="no checkpoint at step 99"):
         Policy.load(str(old), step=99)
-
-
-def test_a_training_run_saves_its_policy(tmp_path):
-    """The toy run's checkpoint holds a policy whose params are the run's EMA params."""
-    config = config_lib.load("sweeps/toy.py:tiny", {"optim.total_steps": 20})
-    report = toy_experiment.train_and_evaluate(config, str(tmp_path))
-    policy = Policy.load(str(tmp_path))
-    assert run_dir.tree_fingerprint(policy.params) == report["ema_params_sha256"]
-    chex.assert_shape(policy.act(np.zeros((3, 1, 2)), jax.random.PRNGKey(0)), (3, 1, 2))

@@ -7,7 +7,9 @@ import numpy as np
 from energyflow_jax import config as config_lib
 from energyflow_jax.data import toy
 from energyflow_jax.experiments import toy as toy_experiment
+from energyflow_jax.io import run_dir
 from energyflow_jax.objectives import dsm
+from energyflow_jax.policy import Policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +46,14 @@ def test_toy_run_ranks_actions_like_the_true_energy(tmp_path):
     assert ranking["t=0.6"]["spearman_mean"] > 0.9, ranking
     assert ranking["t=0.6"]["spearman_min"] > 0.8, ranking
     assert os.path.exists(tmp_path / "toy_landscape.png")
+    # The run's checkpoint holds its policy: the EMA params, and energies that rank
+    # actions like the report's.
+    policy = Policy.load(str(tmp_path))
+    assert run_dir.tree_fingerprint(policy.params) == report["ema_params_sha256"]
+    s = np.zeros((3, 1, 2), np.float32)
+    a = np.stack([toy.mode_centres(s[:, 0])[:, 0], np.full((3, 2), 3.0, np.float32)], 1)
+    e = np.asarray(policy.energy(np.repeat(s, 2, 0), a.reshape(6, 1, 2), t=0.6)).reshape(3, 2)
+    assert np.all(e[:, 0] < e[:, 1])  # a mode centre is likelier than a point far outside
     # An untrained network does not (the check can fail).
     from energyflow_jax.models import EnergyFlowModel
     model = EnergyFlowModel.create(config.model, (1, 2), (1, 2))

@@ -423,6 +423,13 @@ def _provenance_mismatch(found: dict, wanted: dict) -> list[str]:
     return [f"{k}: cached {found.get(k)!r}, requested {v!r}" for k, v in wanted.items() if found.get(k) != v]
 
 
+def demo_cache_path(config, workdir: str, task: str) -> str:
+    """Where a run with this config caches its demos (config.data.cache_dir or DIR/demos)."""
+    cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
+    return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
+                                   f"_T{config.data.max_steps}.npz")
+
+
 def load_or_collect(
     cache_path: str | os.PathLike,
     task: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -70,12 +69,6 @@ def make_policy(config, model: EnergyFlowModel, dataset, ema_params) -> Policy:
                          dataset.obs_normalizer, dataset.action_normalizer, (-1.0, 1.0))
 
 
-def demo_cache_path(config, workdir: str, task: str) -> str:
-    cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
-    return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
-                                   f"_T{config.data.max_steps}.npz")
-
-
 def _short(task: str) -> str:
     return task[:-3] if task.endswith("-v3") else task
 
@@ -91,7 +84,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     progress = bool(config.log.progress) and run_dir.is_main_process()
 
     t0 = time.perf_counter()
-    cache_path = demo_cache_path(config, workdir, task)
+    cache_path = demos.demo_cache_path(config, workdir, task)
     episodes = demos.load_or_collect(cache_path, task, config.data.n_demos, config.data.demo_seed,
                                      max_steps=config.data.max_steps, progress=progress)
     _, provenance = demos.read_demo_cache(cache_path)

@@ -36,7 +36,6 @@ from energyflow_jax.io.run_dir import read_metrics  # run_seed's run_dir is a pa
 from energyflow_jax.rewards import energy as rewards
 from energyflow_jax.data import metaworld as demos
 from energyflow_jax.data.windows import make_dataset, make_windows
-from energyflow_jax.experiments.imitation import demo_cache_path
 from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.rl.sac.loop import train_sac
@@ -396,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     progress = bool(config.log.progress)
 
-    episodes = demos.load_or_collect(demo_cache_path(config, workdir, task), task,
+    episodes = demos.load_or_collect(demos.demo_cache_path(config, workdir, task), task,
                                      config.data.n_demos, config.data.demo_seed,
                                      max_steps=config.data.max_steps, progress=progress)
     n_train = len(episodes) - config.data.n_heldout

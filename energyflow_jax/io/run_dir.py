@@ -80,6 +80,26 @@ RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "train.n
                      "train.checkpoint_every_chunks", "train.max_checkpoints")
 
 
+def _flat_spec(config_dict: dict, may_change: tuple[str, ...]) -> dict:
+    flat = traverse_util.flatten_dict(json.loads(json.dumps(config_dict, default=_jsonable)),
+                                      sep=".")
+    return {k: v for k, v in flat.items()
+            if not any(k == m or k.startswith(m + ".") for m in may_change)}
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+    return [f"  {k}: {old.get(k, '<absent>')!r} in the checkpointed run, "
+            f"{new.get(k, '<absent>')!r} now"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _refuse(workdir: str, changes: list[str]) -> None:
+    raise ValueError(
+        f"{workdir} holds a checkpoint trained with other settings, so it cannot be "
+        "resumed by this run:\n" + "\n".join(changes) +
+        "\nUse a fresh --workdir, or the original settings to resume it.")
+
+
 def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resuming: bool,
                  may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
     """Refuse to resume a checkpoint trained under other settings or on other data.
@@ -91,28 +111,29 @@ def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resum
     old run had finished, skipping) the old run. Shapes alone cannot catch
     this: every Meta-World task has the same observation and action sizes.
     """
-    flat = traverse_util.flatten_dict(json.loads(json.dumps(config_dict, default=_jsonable)),
-                                      sep=".")
-    spec = {"config": {k: v for k, v in flat.items()
-                       if not any(k == m or k.startswith(m + ".") for m in may_change)},
-            "data_sha256": data_sha256}
+    spec = {"config": _flat_spec(config_dict, may_change), "data_sha256": data_sha256}
     path = os.path.join(workdir, RUN_SPEC_FILE)
     if resuming and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        old, new = saved["config"], spec["config"]
-        changes = [f"  {k}: {old.get(k, '<absent>')!r} in the checkpointed run, "
-                   f"{new.get(k, '<absent>')!r} now"
-                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        saved = read_json(path)
+        changes = _config_changes(saved["config"], spec["config"])
         if saved.get("data_sha256") != data_sha256:
             changes.append("  the training data (another task, demo set or data seed)")
         if changes:
-            raise ValueError(
-                f"{workdir} holds a checkpoint trained with other settings, so it cannot be "
-                "resumed by this run:\n" + "\n".join(changes) +
-                "\nUse a fresh --workdir, or the original settings to resume it.")
+            _refuse(workdir, changes)
     elif is_main_process():
         write_json(path, spec)
+
+
+def check_workdir_settings(workdir: str, config_dict: dict,
+                           may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
+    """Before any work: refuse a workdir whose run_spec.json records other settings
+    (another experiment's or task's checkpoint), so that nothing is written there.
+    The data fingerprint is checked later, by `check_resume`, once the data exists."""
+    saved = read_json(os.path.join(workdir, RUN_SPEC_FILE))
+    if saved is not None:
+        changes = _config_changes(saved["config"], _flat_spec(config_dict, may_change))
+        if changes:
+            _refuse(workdir, changes)
 
 
 def drop_metrics_after(path: str, step: int) -> None:

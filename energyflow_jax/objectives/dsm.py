@@ -1,5 +1,9 @@
 """Variance-exploding diffusion: schedule, denoising score matching, PF-ODE sampler.
 
+An objective module provides `loss(model, params, batch, rng, schedule)` (what
+`training.loop.fit` minimises) and `sample(model, params, obs, rng, schedule,
+n_steps, gamma)` (what `Policy.act` draws with; a Policy names its objective).
+
 sigma(t) = sigma_min * (sigma_max / sigma_min) ** (t / T). The noise levels are
 pytree leaves so a sweep can vmap over them; T is static.
 """
@@ -78,3 +82,6 @@ def sample(model: EnergyFlowModel, params, obs: jax.Array, rng: jax.Array,
     if return_energy:
         return a, model.energy(params, a, obs, jnp.full((batch,), gamma, jnp.float32))
     return a
+
+
+loss = dsm_loss  # the objective interface's name for the training loss

@@ -68,6 +68,18 @@ def results_markdown(summary: dict) -> str:
             cells.append(f"{r[name]['mean']:.4f} ± {r[name]['std']:.4f}" if name in r else "")
         cells.append(r["group"])
         lines.append("| " + " | ".join(cells) + " |")
+    members = [m for m in summary["members"] if "ci95" in m["metrics"]]
+    if members:  # success rates: each member with its Wilson interval
+        lines += ["", "## Members", "",
+                  "| member | " + " | ".join(keys) + " | seed | success % | 95% CI (Wilson) | "
+                  "episodes |", "|" + "---|" * (len(keys) + 5)]
+        for m in members:
+            ev = m["metrics"]
+            lo, hi = ev["ci95"]
+            lines.append(f"| {m['member']} | " + "".join(f"{_fmt(m['setting'].get(k, ''))} | "
+                                                         for k in keys)
+                         + f"{m['seed']} | {100 * ev['success_rate']:.1f} | "
+                         f"[{100 * lo:.1f}, {100 * hi:.1f}] | {ev['n_episodes']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,17 +1,10 @@
 """Running a sweep: every group trained (or resumed) and evaluated, then the results.
 
-A sweep config is a task config plus a `sweep` section (see `add_sweep_section`):
-
-  seeds     members are settings x seeds
-  grid      {dotted key: values}; the cartesian product of the values
-  settings  explicit override dicts; crossed with the grid when both are given
-
-Members whose configs differ only in seed and in VMAPPABLE keys share every
-shape and static choice, so they form one *group*: one compiled program that
-trains all of them at once via `jax.vmap` over a stacked `TrainState` (the
-per-member values ride in `TrainState.hparams`). Groups that differ in anything
-else (widths, horizons, batch size, model kind, step counts) run one after
-another, or as Ray Tune trials when `sweep.ray_address` names a cluster.
+Each group (see sweep/grid.py) is trained by `training.loop.fit` with a member
+axis, then all its members are scored together by the sweep task
+(sweep/tasks.py). Groups run one after another, or as Ray Tune trials when
+`sweep.ray_address` names a cluster (each trial asks for `sweep.ray_resources`,
+GPUs included).
 
 Workdir layout (re-running the same command resumes):
   sweep.json                     the expansion: members and groups

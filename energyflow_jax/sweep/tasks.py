@@ -1,16 +1,26 @@
 """What a sweep trains on and how its members are scored, per task."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from energyflow_jax import training
+from energyflow_jax.data import metaworld as demos
 from energyflow_jax.data import toy
+from energyflow_jax.data.windows import make_dataset
+from energyflow_jax.envs.workers import make_batched_env
+from energyflow_jax.evaluation import metaworld_eval
+from energyflow_jax.evaluation.rollout import rollout
+from energyflow_jax.evaluation.statistics import wilson_interval
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.objectives import dsm
+from energyflow_jax.policy import Policy, act_stacked
 from energyflow_jax.sweep.grid import Group
 
 
@@ -84,4 +94,82 @@ class ToyTask:
         return evaluate
 
 
-TASKS = {"toy": ToyTask}
+
+class MetaWorldTask:
+    """Meta-World imitation (sweeps/sweep_metaworld.py): the main job's demos and windows,
+    and every member of a group evaluated together on the same held-out layouts."""
+
+    @staticmethod
+    def obs_shape(group_config) -> tuple:
+        return (group_config.data.obs_horizon, demos.OBS_DIM)
+
+    @staticmethod
+    def action_shape(group_config) -> tuple:
+        return (group_config.data.pred_horizon, demos.ACTION_DIM)
+
+    @staticmethod
+    def data(config, group_config, workdir: str) -> tuple[dict, dict]:
+        task = demos.validate_task_name(config.task)
+        episodes = demos.load_or_collect(
+            demos.demo_cache_path(group_config, workdir, task), task, group_config.data.n_demos,
+            group_config.data.demo_seed, max_steps=group_config.data.max_steps)
+        dataset = make_dataset(episodes, group_config.data.obs_horizon,
+                               group_config.data.pred_horizon)
+        return dataset.arrays(), {"dataset": dataset, "task": task,
+                                  "demo_rand_vecs": np.stack([ep["rand_vec"] for ep in episodes])}
+
+    @staticmethod
+    def evaluate(config, workdir: str, group: Group, model: EnergyFlowModel,
+                 state: training.TrainState, context: dict) -> list[dict]:
+        """Success of every member's EMA policy, pooled over config.eval.seeds.
+
+        All members x episodes step together, and each replan is one sampler call
+        for all of them (`policy.act_stacked`). Member m samples with the keys a
+        single run of its seed uses (fold_in(PRNGKey(seed), 1000 + eval seed), then
+        the call index), so its episodes match that run's up to float rounding.
+        """
+        gcfg, dataset, task = group.config, context["dataset"], context["task"]
+        n_members, n = len(group.members), gcfg.eval.n_episodes
+        params = jax.device_put(jax.device_get(state.ema_params))
+        policy = Policy.create(model, gcfg.model, gcfg.diffusion, params, dataset.obs_normalizer,
+                               dataset.action_normalizer, (-1.0, 1.0))
+        seeds = [m.seed for m in group.members]
+        counts = np.zeros((n_members, 2), np.int64)  # successes, episodes
+        per_seed = [[] for _ in group.members]
+        for eval_seed in gcfg.eval.seeds:
+            spec = metaworld_eval.eval_env_spec(task, n, int(eval_seed), gcfg.eval.max_steps)
+            rand_vecs = np.stack([demos.config_rand_vec(c) for c in spec.configs])
+            demos.assert_configs_disjoint(rand_vecs, context["demo_rand_vecs"])
+            # Layout id m * n + i is member m's episode i on eval config i.
+            spec = dataclasses.replace(spec, configs=spec.configs * n_members)
+            base = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 1_000 + int(eval_seed))
+                              for s in seeds])
+            calls = itertools.count()
+
+            def act(obs_history, base=base, calls=calls):
+                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, next(calls))
+                obs = np.asarray(obs_history).reshape(n_members, -1, *obs_history.shape[1:])
+                chunks = act_stacked(policy, obs, keys)
+                return np.asarray(chunks).reshape(-1, *chunks.shape[2:])
+
+            num_envs = n_members * min(gcfg.eval.num_envs or n, n)
+            env = make_batched_env(spec, num_envs, gcfg.eval.num_workers)
+            try:
+                out = rollout(env, act, list(range(n_members * n)), gcfg.data.obs_horizon,
+                              gcfg.data.exec_horizon, gcfg.eval.max_steps)
+            finally:
+                env.close()
+            success = out.success.reshape(n_members, n)
+            counts += np.stack([success.sum(1), np.full(n_members, n)], axis=1)
+            for m in range(n_members):
+                per_seed[m].append({"seed": int(eval_seed),
+                                    "success_rate": float(success[m].mean())})
+        results = []
+        for m in range(n_members):
+            k, total = (int(x) for x in counts[m])
+            results.append({"success_rate": k / total, "ci95": list(wilson_interval(k, total)),
+                            "n_successes": k, "n_episodes": total, "per_eval_seed": per_seed[m]})
+        return results
+
+
+TASKS = {"toy": ToyTask, "metaworld": MetaWorldTask}
