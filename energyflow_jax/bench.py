@@ -1,4 +1,4 @@
-"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes float32,bfloat16] [--repeats 3]
+"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes ...] [--repeats 3] [--sweep] [--eval-workers N]
 
 Times the published network and shapes (obs 2x39, chunk 16x4, batch 256):
 DSM train steps/s (AdamW, clipping, EMA included, as in the reference),

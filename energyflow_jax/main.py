@@ -13,7 +13,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from energyflow_jax import xla_cpu
-from energyflow_jax.io import run_dir
 
 # experiment name -> "module:function" taking (config, workdir) and returning the report.
 EXPERIMENTS = {
@@ -42,8 +41,6 @@ def run(config, workdir: str) -> dict:
         # Once per process, before any device is touched; a run may call fit()
         # several times (tasks x seeds).
         jax.distributed.initialize()
-    # Another experiment's (or task's) checkpoint in this workdir: refused before any work.
-    run_dir.check_workdir_settings(workdir, config.to_dict())
     os.makedirs(workdir, exist_ok=True)
     return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
 

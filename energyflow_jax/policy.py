@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import struct
 
+from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.objectives import dsm
@@ -142,11 +143,10 @@ class Policy(struct.PyTreeNode):
             raise ValueError(
                 f"checkpoint step {step} in {workdir} holds no policy: it was written by an "
                 "energyflow-jax from before policies were saved in checkpoints, or by an "
-                "experiment that trains no policy. Retrain it with the same command and a fresh "
-                "--workdir (or re-run the original command in this workdir: training resumes, "
-                "and the next checkpoint saves the policy).")
-        with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-                create=False, read_only=True)) as manager:
+                "experiment that trains no policy (a sweep group's members, say). Retrain it "
+                "with the same command and a fresh --workdir; an unfinished run re-run in this "
+                "workdir resumes, and its next checkpoint saves the policy.")
+        with run_dir.checkpoint_manager(workdir, read_only=True) as manager:
             spec = manager.restore(step, args=ocp.args.Composite(
                 **{SPEC_ITEM: ocp.args.JsonRestore()}))[SPEC_ITEM]
             if spec.get("format") != SPEC_FORMAT:

@@ -40,7 +40,7 @@ def reward_model_config() -> ml_collections.ConfigDict:
     c.model.state_emb_dim = 64
     c.model.time_emb_dim = 64
     c.data.obs_horizon = 2
-    c.data.pred_horizon = 1  # one action per chunk: what SAC scores (rewards.py)
+    c.data.pred_horizon = 1  # one action per chunk: what SAC scores (rewards/energy.py)
     # Small models learn DSM slowly at the published lr 1e-4; 2e-3 escapes the plateau.
     c.optim.learning_rate = 2e-3
     c.optim.total_steps = 3000
@@ -120,7 +120,7 @@ def get_config(preset=None):
         num_reference=16,         # reference actions of the centered reward
         reference_seed=0,
         success_weight=1.0,       # the "+sparse" bonus
-        energy_scale=0.0,         # <= 0: auto, expert-minus-random gap = 1 (sac_experiment)
+        energy_scale=0.0,         # <= 0: auto, expert-minus-random gap = 1 (experiments/sac.py)
         model_dir="",             # "" -> <workdir>/reward_model; else a shared model
     ))
     c.reward.adversarial = airl.default_config()

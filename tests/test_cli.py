@@ -29,6 +29,7 @@ def _metric_steps(workdir):
         return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow
 def test_run_report_resume_and_sigkill(tmp_path):
     full = tmp_path / "full"
     proc = _run(full)

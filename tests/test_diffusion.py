@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from energyflow_jax import training
 from energyflow_jax.objectives import dsm
@@ -126,6 +127,7 @@ def test_sampler_returns_energy_at_gamma():
     np.testing.assert_allclose(np.asarray(energy), np.asarray(expected), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampler_with_precomputed_conditioning_matches_per_step_scores():
     """The sampler builds the conditioning once for all K times and picks row
     k per step; that must be the Euler loop over model.score(a, s, t_k)."""

@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 mw_sweep = config_lib.load_module("sweeps/metaworld.py")
 
 
+@pytest.mark.slow
 def test_tiny_cli_run_writes_a_sane_report(tmp_path):
     workdir = tmp_path / "run"
     # XLA_FLAGS from conftest carry over: two CPU devices, so the sharded

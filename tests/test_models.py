@@ -27,6 +27,7 @@ def _score_jacobian(model, params, a, s, t):
 # Batch 1 runs the U-Net's convolutions in the window form, a large batch in Winograd form.
 @pytest.mark.parametrize("arch,batch", [("mlp", 1), ("unet", 1),
                                         ("unet", kernels.WINOGRAD_MIN_BATCH)])
+@pytest.mark.slow
 def test_conservative_score_has_symmetric_jacobian_and_free_does_not(arch, batch):
     for kind in ("conservative", "free"):
         model = tiny_model(kind, arch)
@@ -61,6 +62,7 @@ def test_shapes_and_score_is_negative_energy_gradient(arch):
     np.testing.assert_allclose(e2[1:], energy[1:], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_unet_handles_odd_horizons_and_bfloat16():
     c = tiny_config("conservative", "unet")
     c.model.dtype = "bfloat16"

@@ -92,9 +92,21 @@ def test_bad_input_and_bad_workdirs(tmp_path):
         Policy.load(str(empty))
     assert os.listdir(empty / "checkpoints") == ["30.orbax-checkpoint-tmp-123"]
 
+    stateless = tmp_path / "stateless"
+    _save(stateless, policy, with_policy=False)  # a checkpoint of the train state alone
+    with pytest.raises(ValueError, match="holds no policy.*Retrain"):
+        Policy.load(str(stateless))
+    with pytest.raises(ValueError, match="no checkpoint at step 99"):
+        Policy.load(str(stateless), step=99)
+
+    # A workdir from before checkpoints had items (the state saved as orbax's default
+    # item): training resumes from it, and Policy.load refuses it with the way out.
     old = tmp_path / "old"
-    _save(old, policy, with_policy=False)  # a checkpoint without a policy (older layout)
+    manager = run_dir.checkpoint_manager(str(old), 2)
+    manager.save(5, args=run_dir.ocp.args.StandardSave({"w": jnp.arange(3.0)}))
+    manager.wait_until_finished()
+    restored, step = run_dir.restore_latest(manager, {"w": jnp.zeros(3)})
+    manager.close()
+    assert step == 5 and np.array_equal(np.asarray(restored["w"]), [0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="holds no policy.*Retrain"):
         Policy.load(str(old))
-    with pytest.raises(ValueError, match="no checkpoint at step 99"):
-        Policy.load(str(old), step=99)

@@ -106,6 +106,7 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
 SHAPE = {"optim.total_steps": 40, "train.steps_per_chunk": 10, "train.checkpoint_every_chunks": 2}
 
 
+@pytest.mark.slow
 def test_vmapped_members_match_separate_runs(tmp_path):
     """Two seeds x two settings (learning rate and sigma_max) trained together,
     member axis split over the 2 test CPU devices, == each member trained alone
@@ -116,7 +117,8 @@ def test_vmapped_members_match_separate_runs(tmp_path):
                      seeds=(0, 1), **SHAPE)
     (group,) = sweep_grid_lib.group_members(sweep_grid_lib.expand(c))
     assert len(group.members) == 4
-    together, start, _, _ = runner.train_group(c, str(tmp_path), group)
+    trained = runner.train_group(c, str(tmp_path), group)
+    together, start = trained.state, trained.resumed_from_step
     assert start == 0 and together.params is not None
     if len(jax.local_devices()) > 1:
         assert len(together.step.sharding.device_set) == 2  # the member axis is split
@@ -155,6 +157,7 @@ class _Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_does_not_redo_finished_groups(tmp_path):
     """Interrupt a 2-group sweep inside its second group, re-run: the finished
     group is not trained again, the second resumes from its checkpoint, and

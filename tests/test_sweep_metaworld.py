@@ -22,15 +22,20 @@ def test_two_seed_tiny_sweep_equals_two_separate_tiny_runs(tmp_path):
     (group,) = grid.group_members(grid.expand(sweep_cfg))
     assert [m.seed for m in group.members] == [0, 1]
 
+    # The main job with two training seeds: one run after another, each in DIR/<task>/seed<k>.
+    cfg = config_lib.load("sweeps/metaworld.py:tiny", {"seeds": (0, 1), "data.cache_dir": demos_dir})
+    aggregate = imitation.train_and_evaluate(cfg, str(tmp_path / "singles"))
+    assert [r for r in aggregate["tasks"][0]["reports"]] == [
+        "button-press-v3/seed0/report.json", "button-press-v3/seed1/report.json"]
     singles = []
     for seed in (0, 1):
-        cfg = config_lib.load("sweeps/metaworld.py:tiny", {"seed": seed, "data.cache_dir": demos_dir})
-        workdir = str(tmp_path / f"single{seed}")
-        singles.append((imitation.train_and_evaluate(cfg, workdir), Policy.load(workdir)))
+        run = tmp_path / "singles" / "button-press-v3" / f"seed{seed}"
+        singles.append((json.load(open(run / "report.json")), Policy.load(str(run))))
 
     sweep_dir = str(tmp_path / "sweep")
-    state, start, _, _ = runner.train_group(sweep_cfg, sweep_dir, group)
-    assert start == 0
+    trained = runner.train_group(sweep_cfg, sweep_dir, group)
+    state = trained.state
+    assert trained.resumed_from_step == 0
     for i, (_, policy) in enumerate(singles):
         chex.assert_trees_all_close(unstack(state.ema_params, i), policy.params,
                                     rtol=1e-4, atol=1e-6)

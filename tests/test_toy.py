@@ -3,6 +3,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from energyflow_jax import config as config_lib
 from energyflow_jax.data import toy
@@ -32,6 +33,7 @@ def test_true_energy_matches_mixture_density():
     assert 0.15 < np.median(d) < 0.3
 
 
+@pytest.mark.slow
 def test_toy_run_ranks_actions_like_the_true_energy(tmp_path):
     config = _toy_config()
     config.unlock()

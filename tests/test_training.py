@@ -21,6 +21,7 @@ def _setup(arch="mlp", kind="conservative"):
     return model, tx, state, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "unet"])
 def test_sharded_training_on_two_devices_matches_one_device(arch):
     assert len(jax.devices()) >= 2, "conftest sets two host devices"

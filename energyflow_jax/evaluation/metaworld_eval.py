@@ -1,4 +1,4 @@
-"""Evaluation of chunked policies on Meta-World v3: layouts, OOD levels, statistics, plots.
+"""Evaluation of chunked policies on Meta-World v3: eval layouts, OOD levels, rollout plots.
 
 A thin layer over the environment-agnostic rollout
 (:func:`energyflow_jax.evaluation.rollout.rollout`, which documents the
@@ -62,6 +62,15 @@ def make_expert_policy_fn(task: str, pred_horizon: int = 16) -> PolicyFn:
         return np.repeat(actions[:, None, :], pred_horizon, axis=1).astype(np.float32)
 
     return policy_fn
+
+
+def policy_rng(train_seed: int, eval_seed: int):
+    """The sampling key of a trained policy's evaluation on eval stream `eval_seed`;
+    replan i samples with fold_in(key, i). One rule for single runs and sweeps, so a
+    sweep member's episodes are the single run's."""
+    import jax
+
+    return jax.random.fold_in(jax.random.PRNGKey(int(train_seed)), 1_000 + int(eval_seed))
 
 
 def make_random_policy_fn(pred_horizon: int = 16, seed: int = 0, action_dim: int = demos.ACTION_DIM) -> PolicyFn:

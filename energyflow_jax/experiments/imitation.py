@@ -78,6 +78,7 @@ def _short(task: str) -> str:
 
 def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> dict:
     """Demos -> windows + normalizers -> fit -> evaluate EMA params -> report files."""
+    run_dir.check_workdir_settings(workdir, config.to_dict())  # before collecting anything
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     timing = {}
@@ -117,7 +118,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     for eval_seed in config.eval.seeds:
         for level in levels:
             plot = level == "0" and eval_seed == config.eval.seeds[0]
-            rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000 + int(eval_seed))
+            rng = metaworld_eval.policy_rng(config.seed, eval_seed)
             policy_fn = as_numpy_policy(policy, rng)
             results[level].append(metaworld_eval.evaluate(
                 policy_fn, task, config.eval.n_episodes, int(eval_seed), perturbation=level,
@@ -255,8 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # One demo cache per task, shared by its training seeds.
             run_config.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
             run_config.lock()
-            run_dir = os.path.join(workdir, task, f"seed{seed}")
-            reports.append(run_single(run_config, run_dir, task))
+            reports.append(run_single(run_config, os.path.join(workdir, task, f"seed{seed}"),
+                                      task))
         rates = [r["success_rate"] for r in reports]
         rows.append({"task": task, "mean_success_rate": float(np.mean(rates)),
                      "per_seed_success_rate": rates,

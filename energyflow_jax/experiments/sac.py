@@ -10,7 +10,7 @@ Steps of one invocation:
   2. load (or collect, cached) scripted-expert demos; the last `data.n_heldout` demos are
      held out for the reward-quality report, the rest train the reward model;
   3. energy kinds: train (or resume) the reward model in <reward.model_dir or
-     workdir/reward_model> with pred_horizon = 1 (see rewards.py), then check its shapes
+     workdir/reward_model> with pred_horizon = 1 (see rewards/energy.py), then check its shapes
      against the env (ValueError) before any SAC training;
   4. reward_quality.json: each reward, without RL (expert vs perturbed / random actions on
      held-out demo states; correlation with the env's dense reward along held-out expert

@@ -30,6 +30,7 @@ def make_energy_fn(model: EnergyFlowModel, params):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The toy task: train, then check the learned energy against the true one."""
+    run_dir.check_workdir_settings(workdir, config.to_dict())  # another run's workdir: refused
     t0 = time.perf_counter()
     data = toy.make_dataset(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)
     model = EnergyFlowModel.create(config.model, obs_shape=(1, 2), action_shape=(1, 2))

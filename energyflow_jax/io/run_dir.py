@@ -1,4 +1,4 @@
-"""What a run leaves in its workdir: metrics, checkpoints, the final report.
+"""What a run leaves in its workdir: atomic files, checkpoints, metrics, the resume guard.
 
 Only process 0 writes files; orbax coordinates checkpoints across hosts.
 """
@@ -130,7 +130,9 @@ def check_workdir_settings(workdir: str, config_dict: dict,
     (another experiment's or task's checkpoint), so that nothing is written there.
     The data fingerprint is checked later, by `check_resume`, once the data exists."""
     saved = read_json(os.path.join(workdir, RUN_SPEC_FILE))
-    if saved is not None:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    has_checkpoint = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if saved is not None and has_checkpoint:
         changes = _config_changes(saved["config"], _flat_spec(config_dict, may_change))
         if changes:
             _refuse(workdir, changes)
@@ -222,16 +224,19 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int, *,
-                       asynchronous: bool = True) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, max_to_keep: int | None = None, *,
+                       asynchronous: bool = True, read_only: bool = False
+                       ) -> ocp.CheckpointManager:
     """Orbax manager for DIR/checkpoints.
 
     asynchronous=False makes `save` return only once the checkpoint is written: needed
     by a loop whose next step donates (overwrites in place) the arrays being saved.
+    read_only=True (loading a policy) creates and deletes nothing.
     """
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                             read_only=read_only,
                                              enable_async_checkpointing=asynchronous),
     )
 

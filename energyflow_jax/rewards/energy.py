@@ -36,7 +36,7 @@ Reward objects
 (energy parameters, reference chunks), so a jitted training step can take it as an
 argument instead of baking millions of parameters into the compiled program as
 constants. Calling `reward(inputs)` gives one reward per transition, shape (B,).
-Kind "adversarial" returns a learned reward (see `energyflow_jax.airl`) that the SAC
+Kind "adversarial" returns a learned reward (see `energyflow_jax.rewards.airl`) that the SAC
 loop keeps updating; it follows the `LearnedReward` protocol below.
 """
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -44,19 +44,28 @@ def group_finished(workdir: str, gid: str) -> bool:
     return os.path.exists(os.path.join(_group_dir(workdir, gid), "result.json"))
 
 
+class TrainedGroup(NamedTuple):
+    state: Any               # TrainState stacked along the member axis
+    resumed_from_step: int
+    model: EnergyFlowModel
+    info: dict               # fit's info
+    context: Any             # the task's evaluation context (held-out data, normalizers)
+
+
 def train_group(config, workdir: str, group: Group,
-                on_chunk: Callable[[str, int], None] | None = None):
-    """Train (or resume) one group to total_steps with the one run loop:
-    (stacked state, resumed-from step). `on_chunk(gid, step)` runs after each chunk."""
+                on_chunk: Callable[[str, int], None] | None = None) -> TrainedGroup:
+    """Train (or resume) one group to total_steps with the one run loop.
+    `on_chunk(gid, step)` runs after each chunk."""
     task = TASKS[config.sweep.task]
+    task.check(config, group)
     gcfg = group.config
     model = EnergyFlowModel.create(gcfg.model, task.obs_shape(gcfg), task.action_shape(gcfg))
-    train_data, _ = task.data(config, gcfg, workdir)
+    train_data, context = task.data(config, gcfg, workdir)
     state, info = fit(gcfg, _group_dir(workdir, group.gid), model, train_data,
                       members=[MemberRun(m.config, m.seed) for m in group.members],
                       member_devices=config.sweep.member_axis_devices,
                       on_chunk=None if on_chunk is None else lambda step: on_chunk(group.gid, step))
-    return state, info["resumed_from_step"], model, info
+    return TrainedGroup(state, info["resumed_from_step"], model, info, context)
 
 
 def run_group(config, workdir: str, group: Group,
@@ -67,10 +76,10 @@ def run_group(config, workdir: str, group: Group,
     if os.path.exists(result_path):
         return run_dir.read_json(result_path)
     t0 = time.perf_counter()
-    state, start, model, info = train_group(config, workdir, group, on_chunk)
-    task = TASKS[config.sweep.task]
-    _, context = task.data(config, group.config, workdir)
-    evaluations = task.evaluate(config, workdir, group, model, state, context)
+    trained = train_group(config, workdir, group, on_chunk)
+    state, start = trained.state, trained.resumed_from_step
+    evaluations = TASKS[config.sweep.task].evaluate(config, workdir, group, trained.model, state,
+                                                    trained.context)
     members = []
     for i, (m, ev) in enumerate(zip(group.members, evaluations)):
         members.append({"member": m.index, "group": group.gid, "setting_index": m.setting_index,
@@ -80,7 +89,7 @@ def run_group(config, workdir: str, group: Group,
                         "ema_params_sha256": run_dir.tree_fingerprint(
                             unstack(state.ema_params, i))})
     result = {"gid": group.gid, "members": members, "resumed_from_step": start,
-              "n_devices": len(info["devices"]), "wall_time_s": time.perf_counter() - t0}
+              "n_devices": len(trained.info["devices"]), "wall_time_s": time.perf_counter() - t0}
     run_dir.write_json(result_path, result)  # last: its existence marks the group finished
     return result
 
@@ -130,6 +139,8 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
         raise ValueError(f"unknown sweep.task {config.sweep.task!r}; known: {sorted(TASKS)}")
     members = expand(config)
     groups = group_members(members)
+    for g in groups:  # what a group cannot do fails before any group trains
+        TASKS[config.sweep.task].check(config, g)
     os.makedirs(workdir, exist_ok=True)
     plan = {"config": config.to_dict(), "vmappable": list(VMAPPABLE),
             "groups": [{"gid": g.gid, "members": [m.index for m in g.members]} for g in groups],

@@ -17,7 +17,7 @@ from energyflow_jax.data.windows import make_dataset
 from energyflow_jax.envs.workers import make_batched_env
 from energyflow_jax.evaluation import metaworld_eval
 from energyflow_jax.evaluation.rollout import rollout
-from energyflow_jax.evaluation.statistics import wilson_interval
+from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.objectives import dsm
 from energyflow_jax.policy import Policy, act_stacked
@@ -42,6 +42,10 @@ class ToyTask:
     @staticmethod
     def action_shape(group_config) -> tuple:
         return (1, 2)
+
+    @staticmethod
+    def check(config, group: Group) -> None:
+        """Every toy group can be trained and scored."""
 
     @staticmethod
     def data(config, group_config, workdir: str) -> tuple[dict, dict]:
@@ -108,6 +112,25 @@ class MetaWorldTask:
         return (group_config.data.pred_horizon, demos.ACTION_DIM)
 
     @staticmethod
+    def check(config, group: Group) -> None:
+        """Before training: what joint evaluation cannot do, refused with the reason."""
+        gcfg = group.config
+        if not gcfg.eval.seeds:
+            raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+        if gcfg.eval.ood_levels:
+            raise ValueError("a Meta-World sweep evaluates level 0 only; run the OOD levels "
+                             "with sweeps/metaworld.py (eval.ood_levels) on the chosen setting")
+        if gcfg.eval.num_envs and gcfg.eval.num_envs < gcfg.eval.n_episodes:
+            raise ValueError("a Meta-World sweep steps every episode of every member in one "
+                             "wave (so member m's keys are its single run's); leave "
+                             "eval.num_envs at 0")
+        schedules = {(m.config.diffusion.sigma_min, m.config.diffusion.sigma_max)
+                     for m in group.members}
+        if len(schedules) > 1:
+            raise ValueError("members of a Meta-World sweep group must share the noise "
+                             f"schedule (its sampler is compiled once): got {sorted(schedules)}")
+
+    @staticmethod
     def data(config, group_config, workdir: str) -> tuple[dict, dict]:
         task = demos.validate_task_name(config.task)
         episodes = demos.load_or_collect(
@@ -134,7 +157,6 @@ class MetaWorldTask:
         policy = Policy.create(model, gcfg.model, gcfg.diffusion, params, dataset.obs_normalizer,
                                dataset.action_normalizer, (-1.0, 1.0))
         seeds = [m.seed for m in group.members]
-        counts = np.zeros((n_members, 2), np.int64)  # successes, episodes
         per_seed = [[] for _ in group.members]
         for eval_seed in gcfg.eval.seeds:
             spec = metaworld_eval.eval_env_spec(task, n, int(eval_seed), gcfg.eval.max_steps)
@@ -142,8 +164,7 @@ class MetaWorldTask:
             demos.assert_configs_disjoint(rand_vecs, context["demo_rand_vecs"])
             # Layout id m * n + i is member m's episode i on eval config i.
             spec = dataclasses.replace(spec, configs=spec.configs * n_members)
-            base = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 1_000 + int(eval_seed))
-                              for s in seeds])
+            base = jnp.stack([metaworld_eval.policy_rng(s, eval_seed) for s in seeds])
             calls = itertools.count()
 
             def act(obs_history, base=base, calls=calls):
@@ -152,7 +173,7 @@ class MetaWorldTask:
                 chunks = act_stacked(policy, obs, keys)
                 return np.asarray(chunks).reshape(-1, *chunks.shape[2:])
 
-            num_envs = n_members * min(gcfg.eval.num_envs or n, n)
+            num_envs = n_members * n  # one wave: replan i is call i for every member
             env = make_batched_env(spec, num_envs, gcfg.eval.num_workers)
             try:
                 out = rollout(env, act, list(range(n_members * n)), gcfg.data.obs_horizon,
@@ -160,16 +181,11 @@ class MetaWorldTask:
             finally:
                 env.close()
             success = out.success.reshape(n_members, n)
-            counts += np.stack([success.sum(1), np.full(n_members, n)], axis=1)
             for m in range(n_members):
-                per_seed[m].append({"seed": int(eval_seed),
+                per_seed[m].append({"seed": int(eval_seed), "n_episodes": n,
+                                    "n_successes": int(success[m].sum()),
                                     "success_rate": float(success[m].mean())})
-        results = []
-        for m in range(n_members):
-            k, total = (int(x) for x in counts[m])
-            results.append({"success_rate": k / total, "ci95": list(wilson_interval(k, total)),
-                            "n_successes": k, "n_episodes": total, "per_eval_seed": per_seed[m]})
-        return results
+        return [{**pooled_success(rs), "per_eval_seed": rs} for rs in per_seed]
 
 
 TASKS = {"toy": ToyTask, "metaworld": MetaWorldTask}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import contextlib
 import functools
 import json
 import time
@@ -127,72 +128,74 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     data = training.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
     manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
-    spec = config.to_dict()
-    if members is not None:  # what the members differ in is part of what was trained
-        spec["members"] = [{"seed": m.seed, "hparams": _hparams_dict(m.config)} for m in members]
-    run_dir.check_resume(workdir, spec, data_sha256,
-                         resuming=manager.latest_step() is not None,
-                         may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
-    state = _init_state(config, model, tx, members, mesh)
-    state, start_step = run_dir.restore_latest(manager, state)
-    total = config.optim.total_steps
-    per_chunk = config.train.steps_per_chunk
-    if start_step % per_chunk and start_step != total:
-        raise RuntimeError(f"checkpoint step {start_step} is not a multiple of "
-                           f"train.steps_per_chunk={per_chunk}; resume with the original config")
-    writer = run_dir.MetricsWriter(workdir, config.log, config.to_dict(), resume_step=start_step)
-    status_path = os.path.join(workdir, "status.json")
-    status = run_dir.read_json(status_path, {"chunks_trained": 0, "runs": 0})
-    status.update(runs=status["runs"] + 1, step=start_step, total_steps=total)
-    if run_dir.is_main_process():
-        run_dir.write_json(status_path, status)
-    chunk_fns = {}
-    kill_after = int(os.environ.get(_KILL_AFTER_CHUNK, "0"))
-    n_chunks = math.ceil(total / per_chunk)
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
-               disable=not (config.log.progress and run_dir.is_main_process()))
-    # A finished run re-run trains nothing and reports its last logged metrics.
-    finished = start_step >= total
-    logged = ([m for m in run_dir.read_metrics(workdir) if m.get("step") == start_step]
-              if finished else [])
-    metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
-    step = start_step
-    for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
-        n = min(per_chunk, total - step)
-        if n not in chunk_fns:  # the last chunk may be shorter: a second program
-            chunk_fns[n] = _chunk_program(model, _optim_key(config), config.train.batch_size,
-                                          n, mesh, members is not None, loss_fn)
-        t0 = time.perf_counter()
-        state, chunk_metrics = chunk_fns[n](state, data)
-        metrics = _host(chunk_metrics)
-        step += n
-        metrics["steps_per_s"] = n / (time.perf_counter() - t0)
-        loss = np.asarray(metrics["loss"])
-        if not np.all(np.isfinite(loss)):
-            # Non-finite steps are skipped by the optimizer; a non-finite mean
-            # loss over a whole chunk still deserves a loud warning.
-            tqdm.write(f"warning: non-finite mean loss in the chunk ending at step {step}")
-        writer.write(step, metrics)
-        bar.update(n)
-        bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", sps=f"{metrics['steps_per_s']:.2f}")
-        last = chunk_index == n_chunks - 1
-        if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
-            extra = make_policy(state.ema_params).checkpoint_args() if make_policy else None
-            run_dir.save_checkpoint(manager, step, state, extra)
-            if members is not None:
-                manager.wait_until_finished()
-        status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
+    # Closed on any exit, a refused resume or an error mid-run included.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(manager.close)
+        spec = config.to_dict()
+        if members is not None:  # what the members differ in is part of what was trained
+            spec["members"] = [{"seed": m.seed, "hparams": _hparams_dict(m.config)} for m in members]
+        run_dir.check_resume(workdir, spec, data_sha256,
+                             resuming=manager.latest_step() is not None,
+                             may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
+        state = _init_state(config, model, tx, members, mesh)
+        state, start_step = run_dir.restore_latest(manager, state)
+        total = config.optim.total_steps
+        per_chunk = config.train.steps_per_chunk
+        if start_step % per_chunk and start_step != total:
+            raise RuntimeError(f"checkpoint step {start_step} is not a multiple of "
+                               f"train.steps_per_chunk={per_chunk}; resume with the original config")
+        writer = run_dir.MetricsWriter(workdir, config.log, config.to_dict(), resume_step=start_step)
+        cleanup.callback(writer.close)
+        status_path = os.path.join(workdir, "status.json")
+        status = run_dir.read_json(status_path, {"chunks_trained": 0, "runs": 0})
+        status.update(runs=status["runs"] + 1, step=start_step, total_steps=total)
         if run_dir.is_main_process():
             run_dir.write_json(status_path, status)
-        if on_chunk is not None:
-            on_chunk(step)
-        if kill_after and chunk_index + 1 == kill_after:
-            manager.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+        chunk_fns = {}
+        kill_after = int(os.environ.get(_KILL_AFTER_CHUNK, "0"))
+        n_chunks = math.ceil(total / per_chunk)
+        bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
+                   disable=not (config.log.progress and run_dir.is_main_process()))
+        cleanup.callback(bar.close)
+        # A finished run re-run trains nothing and reports its last logged metrics.
+        finished = start_step >= total
+        logged = ([m for m in run_dir.read_metrics(workdir) if m.get("step") == start_step]
+                  if finished else [])
+        metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
+        step = start_step
+        for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
+            n = min(per_chunk, total - step)
+            if n not in chunk_fns:  # the last chunk may be shorter: a second program
+                chunk_fns[n] = _chunk_program(model, _optim_key(config), config.train.batch_size,
+                                              n, mesh, members is not None, loss_fn)
+            t0 = time.perf_counter()
+            state, chunk_metrics = chunk_fns[n](state, data)
+            metrics = _host(chunk_metrics)
+            step += n
+            metrics["steps_per_s"] = n / (time.perf_counter() - t0)
+            loss = np.asarray(metrics["loss"])
+            if not np.all(np.isfinite(loss)):
+                # Non-finite steps are skipped by the optimizer; a non-finite mean
+                # loss over a whole chunk still deserves a loud warning.
+                tqdm.write(f"warning: non-finite mean loss in the chunk ending at step {step}")
+            writer.write(step, metrics)
+            bar.update(n)
+            bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", sps=f"{metrics['steps_per_s']:.2f}")
+            last = chunk_index == n_chunks - 1
+            if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
+                extra = make_policy(state.ema_params).checkpoint_args() if make_policy else None
+                run_dir.save_checkpoint(manager, step, state, extra)
+                if members is not None:
+                    manager.wait_until_finished()
+            status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
+            if run_dir.is_main_process():
+                run_dir.write_json(status_path, status)
+            if on_chunk is not None:
+                on_chunk(step)
+            if kill_after and chunk_index + 1 == kill_after:
+                manager.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+        manager.wait_until_finished()
     steps = np.asarray(jax.device_get(state.step))
     skipped = np.asarray(jax.device_get(state.n_skipped))
     info = {"final_metrics": metrics, "resumed_from_step": start_step,

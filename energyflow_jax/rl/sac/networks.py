@@ -1,4 +1,4 @@
-"""Flax modules for SAC: MLP trunk, tanh-Gaussian actor, critic ensemble, temperature."""
+"""Flax modules for SAC: tanh-Gaussian actor, critic ensemble, temperature (trunks: nn/mlp.py)."""
 
 from __future__ import annotations
 
