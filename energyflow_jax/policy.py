@@ -129,7 +129,7 @@ class Policy(struct.PyTreeNode):
     def load(cls, workdir: str, step: int | None = None) -> "Policy":
         """The policy saved in `workdir`'s checkpoints (the latest step, or `step`)."""
         ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        steps = checkpoint_steps(ckpt_dir)
+        steps = run_dir.checkpoint_steps(workdir)
         if not steps:
             what = "does not exist" if not os.path.isdir(workdir) else "holds no finished checkpoint"
             raise FileNotFoundError(f"{workdir} {what}: train a policy there first "
@@ -173,15 +173,6 @@ class Policy(struct.PyTreeNode):
                           Normalizer.identity(spec["action_shape"][-1]),
                           action_bounds=None if bounds is None else tuple(bounds),
                           objective=spec["objective"])
-
-
-def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """Finished checkpoint steps in ckpt_dir, ascending (orbax writes unfinished
-    ones under a temporary name, so a killed save is never listed)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(ckpt_dir)
-                  if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
 
 
 def _plain(config) -> dict:

@@ -35,6 +35,7 @@ from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS,
 from energyflow_jax.envs.workers import make_batched_env
 from energyflow_jax.evaluation.plots import plot_rollout
 from energyflow_jax.evaluation.rollout import rollout
+from energyflow_jax.policy import Policy
 from energyflow_jax.evaluation.statistics import pooled_success, wilson_interval  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ def make_expert_policy_fn(task: str, pred_horizon: int = 16) -> PolicyFn:
         return np.repeat(actions[:, None, :], pred_horizon, axis=1).astype(np.float32)
 
     return policy_fn
+
+
+def make_policy(config, model, dataset, ema_params) -> Policy:
+    """A Meta-World run's policy: EMA params (stacked for sweep members), the normalizers
+    the windows were made with, the sampler settings; actions clipped to the env's box."""
+    return Policy.create(model, config.model, config.diffusion, ema_params,
+                         dataset.obs_normalizer, dataset.action_normalizer, (-1.0, 1.0))
 
 
 def policy_rng(train_seed: int, eval_seed: int):

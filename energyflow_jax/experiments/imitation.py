@@ -29,7 +29,7 @@ from energyflow_jax.data.windows import make_dataset
 from energyflow_jax.evaluation import metaworld_eval
 from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.policy import Policy, as_numpy_policy
+from energyflow_jax.policy import as_numpy_policy
 from energyflow_jax.training.loop import fit, write_report
 
 # Success %, mean over 3 seeds, from the paper (Meta-World v2; we run v3). NOTES.md.
@@ -62,13 +62,6 @@ def _eval_levels(config) -> list[str]:
     return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
 
 
-def make_policy(config, model: EnergyFlowModel, dataset, ema_params) -> Policy:
-    """The run's policy: EMA params, the normalizers the windows were made with, and the
-    sampler settings. Meta-World actions are clipped to the env's [-1, 1] box."""
-    return Policy.create(model, config.model, config.diffusion, ema_params,
-                         dataset.obs_normalizer, dataset.action_normalizer, (-1.0, 1.0))
-
-
 def _short(task: str) -> str:
     return task[:-3] if task.endswith("-v3") else task
 
@@ -97,12 +90,14 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
         config.model, obs_shape=(config.data.obs_horizon, demos.OBS_DIM),
         action_shape=(config.data.pred_horizon, demos.ACTION_DIM))
     state, info = fit(config, workdir, model, dataset.arrays(),
-                      make_policy=lambda ema_params: make_policy(config, model, dataset, ema_params))
+                      make_policy=lambda ema_params: metaworld_eval.make_policy(
+                          config, model, dataset, ema_params))
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     # Gathered onto the default device: training may have replicated them over a mesh.
-    policy = make_policy(config, model, dataset, jax.device_put(jax.device_get(state.ema_params)))
+    policy = metaworld_eval.make_policy(config, model, dataset,
+                                        jax.device_put(jax.device_get(state.ema_params)))
     # Compile once up front, at the evaluator's batch shape, so latency excludes it.
     num_envs = min(config.eval.num_envs or config.eval.n_episodes, config.eval.n_episodes)
     t_compile = time.perf_counter()

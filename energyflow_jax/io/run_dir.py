@@ -130,9 +130,7 @@ def check_workdir_settings(workdir: str, config_dict: dict,
     (another experiment's or task's checkpoint), so that nothing is written there.
     The data fingerprint is checked later, by `check_resume`, once the data exists."""
     saved = read_json(os.path.join(workdir, RUN_SPEC_FILE))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_checkpoint = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-    if saved is not None and has_checkpoint:
+    if saved is not None and checkpoint_steps(workdir):
         changes = _config_changes(saved["config"], _flat_spec(config_dict, may_change))
         if changes:
             _refuse(workdir, changes)
@@ -222,6 +220,16 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps in DIR/checkpoints, ascending (orbax writes unfinished
+    ones under a temporary name, so a killed save is never listed)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir)
+                  if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int | None = None, *,

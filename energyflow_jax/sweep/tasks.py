@@ -20,7 +20,7 @@ from energyflow_jax.evaluation.rollout import rollout
 from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.objectives import dsm
-from energyflow_jax.policy import Policy, act_stacked
+from energyflow_jax.policy import act_stacked
 from energyflow_jax.sweep.grid import Group
 
 
@@ -154,8 +154,7 @@ class MetaWorldTask:
         gcfg, dataset, task = group.config, context["dataset"], context["task"]
         n_members, n = len(group.members), gcfg.eval.n_episodes
         params = jax.device_put(jax.device_get(state.ema_params))
-        policy = Policy.create(model, gcfg.model, gcfg.diffusion, params, dataset.obs_normalizer,
-                               dataset.action_normalizer, (-1.0, 1.0))
+        policy = metaworld_eval.make_policy(gcfg, model, dataset, params)
         seeds = [m.seed for m in group.members]
         per_seed = [[] for _ in group.members]
         for eval_seed in gcfg.eval.seeds:
