@@ -111,3 +111,166 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
             raise KeyError(f"config has no key {key!r}")
         setattr(node, leaf, value)
     return config
+
+
+# --------------------------------------------------------------------------- ranges
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range; one line per bad key."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_at_least(lo: int):
+    return (lambda x: _is_int(x) and x >= lo), f"an integer >= {lo}"
+
+
+def _number(pred, text: str):
+    return (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and pred(x)), text
+
+
+def _one_of(*choices):
+    return (lambda x: x in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+# A key's rule applies wherever the key ends a config path, so the reward model
+# nested in the SAC config and sweep grids (each value checked) are covered too.
+_RANGES = {
+    "optim.total_steps": _int_at_least(1),
+    "optim.warmup_steps": _int_at_least(0),
+    "optim.learning_rate": _number(lambda x: x > 0, "a number > 0"),
+    "optim.weight_decay": _number(lambda x: x >= 0, "a number >= 0"),
+    "optim.grad_clip": _number(lambda x: x > 0, "a number > 0"),
+    "optim.b1": _number(lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "optim.b2": _number(lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "optim.ema_decay": _number(lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "train.batch_size": _int_at_least(1),
+    "train.steps_per_chunk": _int_at_least(1),
+    "train.checkpoint_every_chunks": _int_at_least(1),
+    "train.max_checkpoints": _int_at_least(1),
+    "train.num_devices": _int_at_least(0),
+    "data.obs_horizon": _int_at_least(1),
+    "data.pred_horizon": _int_at_least(1),
+    "data.exec_horizon": _int_at_least(1),
+    "data.n_demos": _int_at_least(1),
+    "data.max_steps": _int_at_least(1),
+    "diffusion.sigma_min": _number(lambda x: x > 0, "a number > 0"),
+    "diffusion.sigma_max": _number(lambda x: x > 0, "a number > 0"),
+    "diffusion.T": _number(lambda x: x > 0, "a number > 0"),
+    "diffusion.gamma": _number(lambda x: x > 0, "a number > 0"),
+    "diffusion.n_sample_steps": _int_at_least(1),
+    "model.kind": _one_of("conservative", "free"),
+    "model.arch": _one_of("unet", "mlp"),
+    "model.dtype": _one_of("float32", "bfloat16"),
+    "model.down_dims": _int_at_least(1),
+    "model.mlp_dims": _int_at_least(1),
+    "model.head_dims": _int_at_least(1),
+    "model.kernel_size": _int_at_least(1),
+    "model.n_groups": _int_at_least(1),
+    "model.state_emb_dim": _int_at_least(1),
+    "model.time_emb_dim": _int_at_least(1),
+    "eval.n_episodes": _int_at_least(1),
+    "eval.max_steps": _int_at_least(1),
+    "eval.num_envs": _int_at_least(0),
+    "eval.num_workers": _int_at_least(0),
+    "eval.n_plot": _int_at_least(0),
+    "toy.n_samples": _int_at_least(1),
+    # capacity
+    "state_dim": _int_at_least(1),
+    "action_dims": _int_at_least(1),
+    "hidden_widths": _int_at_least(1),
+    "spectral_bound": _number(lambda x: x > 0, "a number > 0"),
+    "rademacher.sample_sizes": _int_at_least(1),
+    "rademacher.n_sign_draws": _int_at_least(1),
+    "rademacher.n_restarts": _int_at_least(1),
+    "rademacher.ascent_steps": _int_at_least(1),
+    "rademacher.ascent_lr": _number(lambda x: x > 0, "a number > 0"),
+    "rademacher.reference_sign_draws": _int_at_least(1),
+    "generalization.action_dims": _int_at_least(1),
+    "generalization.n_seeds": _int_at_least(1),
+    "generalization.n_train": _int_at_least(1),
+    "generalization.n_test": _int_at_least(1),
+    "generalization.train_steps": _int_at_least(1),
+    "generalization.train_lr": _number(lambda x: x > 0, "a number > 0"),
+    "generalization.label_noise": _number(lambda x: x >= 0, "a number >= 0"),
+    # SAC
+    "sac.batch_size": _int_at_least(1),
+    "sac.total_env_steps": _int_at_least(1),
+    "sac.warmup_env_steps": _int_at_least(0),
+    "sac.replay_capacity": _int_at_least(1),
+    "sac.utd_ratio": _int_at_least(1),
+    "sac.num_critics": _int_at_least(2),
+    "sac.discount": _number(lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "sac.tau": _number(lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "sac.eval_episodes": _int_at_least(1),
+    "sac.log_every": _int_at_least(1),
+    "sac.eval_every": _int_at_least(1),
+    "sac.checkpoint_every": _int_at_least(1),
+    "sac.max_checkpoints": _int_at_least(1),
+    "num_envs": _int_at_least(1),
+    "max_episode_steps": _int_at_least(1),
+}
+
+
+def _scalars(value):
+    """The scalars in a value, a tuple, or a sweep grid's tuple of tuples."""
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _scalars(v)
+    else:
+        yield value
+
+
+def _rule_for(key: str):
+    for suffix, rule in _RANGES.items():
+        if key == suffix or key.endswith("." + suffix):
+            return rule
+    return None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every value against its allowed range before any work starts.
+
+    Raises ConfigError with one line per bad key, naming the key, the value and
+    what is allowed. Tuples (widths, dims, sweep grid values) are checked element
+    by element.
+    """
+    from flax import traverse_util  # flax imports jax; config files need neither
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    errors = []
+    for key, value in flat.items():
+        rule = _rule_for(key)
+        if rule is None:
+            continue
+        check, allowed = rule
+        if not all(check(v) for v in _scalars(value)):
+            errors.append(f"  {key}={value!r}: must be {allowed}"
+                          + (" (each entry)" if isinstance(value, (tuple, list)) else ""))
+    # Relations between keys, for every sub-config that holds them.
+    for key, value in flat.items():
+        prefix = key[: -len("data.pred_horizon")]
+        if key.endswith("data.pred_horizon") and _is_int(value):
+            exec_h = flat.get(prefix + "data.exec_horizon")
+            if _is_int(exec_h) and exec_h > value:
+                errors.append(f"  {prefix}data.exec_horizon={exec_h}: must be <= "
+                              f"{prefix}data.pred_horizon={value} (a replan executes at most "
+                              "the predicted chunk)")
+        prefix = key[: -len("diffusion.gamma")]
+        if key.endswith("diffusion.gamma") and isinstance(value, (int, float)):
+            lo, hi = flat.get(prefix + "diffusion.sigma_min"), flat.get(prefix + "diffusion.sigma_max")
+            T = flat.get(prefix + "diffusion.T")
+            if isinstance(T, (int, float)) and value > T:
+                errors.append(f"  {prefix}diffusion.gamma={value}: must be in (0, "
+                              f"{prefix}diffusion.T={T}]")
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo >= hi:
+                errors.append(f"  {prefix}diffusion.sigma_min={lo}: must be < "
+                              f"{prefix}diffusion.sigma_max={hi}")
+    if flat.get("experiment") in ("toy",) or flat.get("sweep.task") == "toy":
+        for key in ("data.obs_horizon", "data.pred_horizon", "data.exec_horizon"):
+            if _is_int(flat.get(key)) and flat[key] > 1:
+                errors.append(f"  {key}={flat[key]!r}: must be 1 (the toy task has one state "
+                              "and one action per sample)")
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(errors))

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from energyflow_jax import config as config_lib
 from energyflow_jax import xla_cpu
+from energyflow_jax.io import run_dir
 
 # experiment name -> "module:function" taking (config, workdir) and returning the report.
 EXPERIMENTS = {
@@ -36,20 +39,29 @@ def run(config, workdir: str) -> dict:
     if config.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {config.experiment!r}; known: {sorted(EXPERIMENTS)}")
     module_name, fn_name = EXPERIMENTS[config.experiment].split(":")
+    config_lib.validate(config)  # before the lock file or anything else is written
     train_config = config.get("train")
     if train_config is not None and train_config.get("distributed", False):
         # Once per process, before any device is touched; a run may call fit()
         # several times (tasks x seeds).
         jax.distributed.initialize()
-    os.makedirs(workdir, exist_ok=True)
-    return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+    # One process per workdir: a second one fails here, naming the first one's pid.
+    with run_dir.workdir_lock(workdir):
+        return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    report = run(_CONFIG.value, _WORKDIR.value)
+    try:
+        report = run(_CONFIG.value, _WORKDIR.value)
+    except KeyboardInterrupt:
+        steps = run_dir.checkpoint_steps(_WORKDIR.value)
+        where = f"step {steps[-1]}" if steps else "the start (no checkpoint yet)"
+        print(f"interrupted: re-run the same command to resume {_WORKDIR.value} from {where}",
+              file=sys.stderr)
+        sys.exit(130)
     summary = {k: v for k, v in report.items() if k not in ("config",)}
     report_file = REPORT_FILES.get(_CONFIG.value.experiment, "report.json")
     print(f"report: {os.path.join(_WORKDIR.value, report_file)}")

@@ -167,7 +167,8 @@ class EnergyFlowModel:
     def init(self, rng: jax.Array):
         a = jnp.zeros((1, *self.action_shape), jnp.float32)
         s = jnp.zeros((1, *self.obs_shape), jnp.float32)
-        return self.network.init(rng, a, s, jnp.zeros((1,), jnp.float32))
+        # Jitted: op by op, a U-Net's init takes several times longer than compiling it.
+        return jax.jit(self.network.init)(rng, a, s, jnp.zeros((1,), jnp.float32))
 
     def check_actions(self, a: jax.Array) -> None:
         """Shape check at trace time; a mismatch names both shapes."""
@@ -200,10 +201,38 @@ class EnergyFlowModel:
         self.check_actions(a)
         return self.network.apply(params, a, cond, method=ConditionalNetwork.trunk)
 
-    def energy(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
-        """Scalar energy per sample, (B,). Conservative models only."""
+    def check_inputs(self, a, s, t) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(a, s, t) with t as (B,): each argument's shape checked at trace time, and a
+        mismatch named by argument (a scalar t is one time for the whole batch)."""
+        a, s, t = jnp.asarray(a), jnp.asarray(s), jnp.asarray(t, jnp.float32)
+        if a.ndim != 3:
+            raise ValueError(f"a: action chunks must be (batch, {', '.join(map(str, self.action_shape))})"
+                             f", got shape {a.shape}")
+        self.check_actions(a)
+        if s.ndim != 1 + len(self.obs_shape):
+            raise ValueError(f"s: observations must be (batch, {', '.join(map(str, self.obs_shape))})"
+                             f", got shape {s.shape}")
+        self.check_obs(s)
+        batch = a.shape[0]
+        if batch < 1:
+            raise ValueError("a: the batch is empty; give at least one action chunk")
+        if s.shape[0] != batch:
+            raise ValueError(f"s: batch of {s.shape[0]} observations for a batch of {batch} "
+                             "action chunks in a; they must be equal")
+        if t.ndim == 0:
+            t = jnp.full((batch,), t)
+        elif t.shape != (batch,):
+            raise ValueError(f"t: noise times must be a scalar or shape ({batch},), one per "
+                             f"sample, got shape {t.shape}")
+        return a, s, t
+
+    def energy(self, params, a: jax.Array, s: jax.Array, t) -> jax.Array:
+        """Scalar energy per sample, (B,), at times t (a scalar or (B,)). Conservative
+        models only."""
+        a, s, t = self.check_inputs(a, s, t)
         return self.energy_given(params, a, self.conditioning(params, s, t).combined())
 
-    def score(self, params, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
-        """The denoising field, (B, L, A)."""
+    def score(self, params, a: jax.Array, s: jax.Array, t) -> jax.Array:
+        """The denoising field, (B, L, A), at times t (a scalar or (B,))."""
+        a, s, t = self.check_inputs(a, s, t)
         return self.score_given(params, a, self.conditioning(params, s, t).combined())

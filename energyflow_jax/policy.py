@@ -146,16 +146,14 @@ class Policy(struct.PyTreeNode):
                 "experiment that trains no policy (a sweep group's members, say). Retrain it "
                 "with the same command and a fresh --workdir; an unfinished run re-run in this "
                 "workdir resumes, and its next checkpoint saves the policy.")
-        with run_dir.checkpoint_manager(workdir, read_only=True) as manager:
-            spec = manager.restore(step, args=ocp.args.Composite(
-                **{SPEC_ITEM: ocp.args.JsonRestore()}))[SPEC_ITEM]
-            if spec.get("format") != SPEC_FORMAT:
-                raise ValueError(f"{step_dir}: policy format {spec.get('format')!r}, "
-                                 f"this energyflow-jax reads format {SPEC_FORMAT}")
-            template = cls.from_spec(spec)
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template._arrays())
-            arrays = manager.restore(step, args=ocp.args.Composite(
-                **{POLICY_ITEM: ocp.args.StandardRestore(abstract)}))[POLICY_ITEM]
+        spec = run_dir.read_items(workdir, step, **{SPEC_ITEM: ocp.args.JsonRestore()})[SPEC_ITEM]
+        if spec.get("format") != SPEC_FORMAT:
+            raise ValueError(f"{step_dir}: policy format {spec.get('format')!r}, "
+                             f"this energyflow-jax reads format {SPEC_FORMAT}")
+        template = cls.from_spec(spec)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template._arrays())
+        arrays = run_dir.read_items(
+            workdir, step, **{POLICY_ITEM: ocp.args.StandardRestore(abstract)})[POLICY_ITEM]
         return template.replace(**arrays)
 
     @classmethod

@@ -41,6 +41,7 @@ def reward_model_config() -> ml_collections.ConfigDict:
     c.model.time_emb_dim = 64
     c.data.obs_horizon = 2
     c.data.pred_horizon = 1  # one action per chunk: what SAC scores (rewards/energy.py)
+    c.data.exec_horizon = 1
     # Small models learn DSM slowly at the published lr 1e-4; 2e-3 escapes the plateau.
     c.optim.learning_rate = 2e-3
     c.optim.total_steps = 3000

@@ -78,7 +78,8 @@ def test_run_report_resume_and_sigkill(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.optim.lerning_rate=0.1"], "lerning_rate"),
-    (["--config.model.kind=curly"], "model.kind must be one of"),
+    (["--config.model.kind=curly"], "model.kind='curly': must be one of"),
+    (["--config.data.obs_horizon=0"], "data.obs_horizon=0: must be an integer >= 1"),
 ])
 def test_bad_config_fails_loudly(tmp_path, args, message):
     proc = _run(tmp_path / "bad", *args)

@@ -137,11 +137,13 @@ def test_sampler_with_precomputed_conditioning_matches_per_step_scores():
     for kind, arch in [("conservative", "unet"), ("free", "unet"), ("conservative", "mlp")]:
         model = EnergyFlowModel.create(tiny_config(kind, arch).model, (2, 3), (4, 2))
         params = model.init(jax.random.PRNGKey(0))
-        got = dsm.sample(model, params, obs, jax.random.PRNGKey(1), SCHEDULE, n_steps, gamma)
+        got = jax.jit(lambda p: dsm.sample(model, p, obs, jax.random.PRNGKey(1), SCHEDULE,
+                                           n_steps, gamma))(params)
         a = SCHEDULE.sigma_max * jax.random.normal(jax.random.PRNGKey(1), (3, 4, 2))
+        score = jax.jit(model.score)  # jitted: op by op, each primitive compiles alone
         for k in range(n_steps):
             t = jnp.full((3,), SCHEDULE.T - k * dt)
-            drift = 0.5 * SCHEDULE.dsigma2_dt(t)[:, None, None] * model.score(params, a, obs, t)
+            drift = 0.5 * SCHEDULE.dsigma2_dt(t)[:, None, None] * score(params, a, obs, t)
             a = a + dt * drift
         np.testing.assert_allclose(np.asarray(got), np.asarray(a), rtol=1e-4, atol=1e-4,
                                    err_msg=f"{kind} {arch}")

@@ -21,7 +21,7 @@ def _score_jacobian(model, params, a, s, t):
     def f(flat):
         actions = a.at[0].set(flat.reshape(model.action_shape))
         return model.score(params, actions, s, t)[0].ravel()
-    return jax.jacfwd(f)(a[0].ravel())
+    return jax.jit(jax.jacfwd(f))(a[0].ravel())
 
 
 # Batch 1 runs the U-Net's convolutions in the window form, a large batch in Winograd form.
@@ -48,17 +48,18 @@ def test_shapes_and_score_is_negative_energy_gradient(arch):
     model = tiny_model("conservative", arch)
     params = model.init(jax.random.PRNGKey(0))
     a, s, t = _inputs(model, batch=5)
-    energy = model.energy(params, a, s, t)
-    score = model.score(params, a, s, t)
+    energy_fn, score_fn = jax.jit(model.energy), jax.jit(model.score)
+    energy = energy_fn(params, a, s, t)
+    score = score_fn(params, a, s, t)
     chex.assert_shape(energy, (5,))
     chex.assert_shape(score, (5, *model.action_shape))
     # Finite differences on one coordinate of one sample.
     eps = 1e-3
     bump = jnp.zeros_like(a).at[2, 1, 0].set(eps)
-    fd = (model.energy(params, a + bump, s, t)[2] - model.energy(params, a - bump, s, t)[2]) / (2 * eps)
+    fd = (energy_fn(params, a + bump, s, t)[2] - energy_fn(params, a - bump, s, t)[2]) / (2 * eps)
     np.testing.assert_allclose(-score[2, 1, 0], fd, rtol=2e-2, atol=1e-4)
     # Samples are independent: changing sample 0 leaves sample 1's energy alone.
-    e2 = model.energy(params, a.at[0].add(1.0), s, t)
+    e2 = energy_fn(params, a.at[0].add(1.0), s, t)
     np.testing.assert_allclose(e2[1:], energy[1:], rtol=1e-6)
 
 
@@ -69,7 +70,7 @@ def test_unet_handles_odd_horizons_and_bfloat16():
     model = EnergyFlowModel.create(c.model, (2, 3), (5, 2))
     params = model.init(jax.random.PRNGKey(0))
     a, s, t = _inputs(model)
-    score = model.score(params, a, s, t)
+    score = jax.jit(model.score)(params, a, s, t)
     chex.assert_shape(score, (3, 5, 2))
     chex.assert_tree_all_finite(score)
     chex.assert_type(jax.tree.leaves(params), jnp.float32)  # params stay float32

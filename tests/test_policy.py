@@ -29,7 +29,7 @@ def _policy(obs_dim=3, act_dim=2, obs_horizon=2, pred_horizon=4, seed=0):
 def _save(workdir, policy, step=10, with_policy=True):
     manager = run_dir.checkpoint_manager(str(workdir), 2)
     state = {"step": jnp.asarray(step)}
-    run_dir.save_checkpoint(manager, step, state,
+    run_dir.save_checkpoint(manager, step, state, run_dir.run_spec({"seed": 0}, None),
                             policy.checkpoint_args() if with_policy else None)
     manager.wait_until_finished()
     manager.close()
@@ -100,13 +100,18 @@ def test_bad_input_and_bad_workdirs(tmp_path):
         Policy.load(str(stateless), step=99)
 
     # A workdir from before checkpoints had items (the state saved as orbax's default
-    # item): training resumes from it, and Policy.load refuses it with the way out.
+    # item, the run spec in run_spec.json): training resumes from it, and Policy.load
+    # refuses it with the way out.
     old = tmp_path / "old"
     manager = run_dir.checkpoint_manager(str(old), 2)
     manager.save(5, args=run_dir.ocp.args.StandardSave({"w": jnp.arange(3.0)}))
     manager.wait_until_finished()
-    restored, step = run_dir.restore_latest(manager, {"w": jnp.zeros(3)})
     manager.close()
+    spec = run_dir.run_spec({"seed": 0}, None)
+    with pytest.raises(ValueError, match="no readable record of the settings"):
+        run_dir.restore_verified(str(old), {"w": jnp.zeros(3)}, spec)
+    run_dir.write_json(str(old / run_dir.LEGACY_RUN_SPEC_FILE), spec)
+    restored, step = run_dir.restore_verified(str(old), {"w": jnp.zeros(3)}, spec)
     assert step == 5 and np.array_equal(np.asarray(restored["w"]), [0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="holds no policy.*Retrain"):
         Policy.load(str(old))

@@ -10,6 +10,11 @@ from helpers import gaussian_data, tiny_config
 from energyflow_jax.models import EnergyFlowModel
 
 
+def _step(model, tx, state, batch):
+    """train_step, jitted: op by op, every primitive of the double backprop compiles alone."""
+    return jax.jit(training.train_step, static_argnums=(0, 1))(model, tx, state, batch)
+
+
 def _setup(arch="mlp", kind="conservative"):
     c = tiny_config(kind, arch)
     model = EnergyFlowModel.create(c.model, (2, 3), (4, 2))
@@ -47,13 +52,13 @@ def test_non_finite_gradients_are_skipped_and_counted():
     model, tx, state, data = _setup()
     batch = {k: v[:8] for k, v in data.items()}
     bad = {**batch, "actions": batch["actions"].at[0, 0, 0].set(jnp.inf)}
-    after_bad, metrics = training.train_step(model, tx, state, bad)
+    after_bad, metrics = _step(model, tx, state, bad)
     assert int(after_bad.n_skipped) == 1
     chex.assert_trees_all_equal(after_bad.params, state.params)
     # Two good steps: warmup starts at lr 0, and the skipped step did not
     # advance the schedule.
-    after_good, _ = training.train_step(model, tx, after_bad, batch)
-    after_good, _ = training.train_step(model, tx, after_good, batch)
+    after_good, _ = _step(model, tx, after_bad, batch)
+    after_good, _ = _step(model, tx, after_good, batch)
     assert int(after_good.n_skipped) == 1
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after_good.params, state.params)
     assert any(jax.tree.leaves(changed))
@@ -64,7 +69,7 @@ def test_ema_warms_up_then_follows_decay():
     np.testing.assert_allclose(training.ema_decay_at(jnp.array(10**6), jnp.array(0.999)), 0.999)
     model, tx, state, data = _setup()
     batch = {k: v[:8] for k, v in data.items()}
-    new, _ = training.train_step(model, tx, state, batch)
+    new, _ = _step(model, tx, state, batch)
     # ema = 0.1 * old + 0.9 * new params at step 0.
     expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state.ema_params, new.params)
     chex.assert_trees_all_close(new.ema_params, expected, rtol=1e-6)

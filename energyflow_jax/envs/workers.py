@@ -22,6 +22,7 @@ a pipe is what this needs, and is short.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,9 @@ def make_batched_env(factory: EnvFactory, num_envs: int, num_workers: int = 0) -
 
 
 def _worker(conn, factory: EnvFactory, n_slots: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent handles it and closes the
+    # workers, so they print no tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         env = factory(n_slots)
         conn.send(("ok", (env.obs_dim, env.action_dim, env.max_steps)))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.capacity import generalization, rademacher
 
@@ -332,6 +333,7 @@ def summarize(slopes: dict, gen_slopes: dict, rows: list[dict]) -> dict:
 def train_and_evaluate(config, workdir) -> dict:
     """Runs the sweep described by `config`, writes capacity.json and the two plots to
     `workdir`, and returns the summary (fitted slopes)."""
+    config_lib.validate(config)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()

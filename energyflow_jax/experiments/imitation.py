@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.data import metaworld as demos
 from energyflow_jax.data.windows import make_dataset
@@ -231,6 +232,7 @@ def aggregate_markdown(rows: list[dict], kind: str) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
+    config_lib.validate(config)
     tasks = _tasks(config)
     seeds = _seeds(config)
     _eval_levels(config)

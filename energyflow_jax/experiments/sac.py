@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.io.run_dir import read_metrics  # run_seed's run_dir is a path
 from energyflow_jax.rewards import energy as rewards
@@ -382,6 +383,7 @@ def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    config_lib.validate(config)
     t_start = time.perf_counter()
     task = demos.validate_task_name(config.task)
     kinds = reward_kinds(config)

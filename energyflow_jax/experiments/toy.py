@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.data import toy
 from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
@@ -30,6 +31,7 @@ def make_energy_fn(model: EnergyFlowModel, params):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The toy task: train, then check the learned energy against the true one."""
+    config_lib.validate(config)
     run_dir.check_workdir_settings(workdir, config.to_dict())  # another run's workdir: refused
     t0 = time.perf_counter()
     data = toy.make_dataset(jax.random.PRNGKey(10_000 + config.seed), config.toy.n_samples)

@@ -5,10 +5,15 @@ Only process 0 writes files; orbax coordinates checkpoints across hosts.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import sys
+import time
+import warnings
 from typing import Any, BinaryIO, Callable
 
 import jax
@@ -29,7 +34,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    # Not tempfile.mkstemp: its files are 0600, and a run's files should get the
+    # ordinary mode (0666 less the umask), like every other file the run writes.
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -69,15 +77,23 @@ def tree_fingerprint(tree) -> str:
     return h.hexdigest()
 
 
-RUN_SPEC_FILE = "run_spec.json"
+# Written by runs from before the run spec moved into each checkpoint; read only.
+LEGACY_RUN_SPEC_FILE = "run_spec.json"
 
 # Config keys a resumed run may change: they decide what is logged and
 # evaluated, and how steps are chunked, checkpointed and spread over devices,
 # not what is trained. (tasks/seeds/data.cache_dir: a multi-run's per-run
-# config carries the whole list; the run's own task shows in its data.)
-RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "train.num_devices",
-                     "train.distributed", "train.steps_per_chunk",
+# config carries the whole list; the run's own task shows in its data.
+# data.exec_horizon: how many predicted actions evaluation executes.)
+RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "data.exec_horizon",
+                     "train.num_devices", "train.distributed", "train.steps_per_chunk",
                      "train.checkpoint_every_chunks", "train.max_checkpoints")
+
+
+def run_spec(config_dict: dict, data_sha256: str | None) -> dict:
+    """What a checkpoint was trained with: the config and a fingerprint of the data."""
+    return {"config": json.loads(json.dumps(config_dict, default=_jsonable)),
+            "data_sha256": data_sha256}
 
 
 def _flat_spec(config_dict: dict, may_change: tuple[str, ...]) -> dict:
@@ -100,51 +116,76 @@ def _refuse(workdir: str, changes: list[str]) -> None:
         "\nUse a fresh --workdir, or the original settings to resume it.")
 
 
-def check_resume(workdir: str, config_dict: dict, data_sha256: str | None, resuming: bool,
-                 may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
-    """Refuse to resume a checkpoint trained under other settings or on other data.
+def compare_run_specs(workdir: str, saved: dict, spec: dict,
+                      may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
+    """Refuse (ValueError naming each key) when `spec` differs from a checkpoint's
+    `saved` spec outside `may_change`; a data fingerprint of None is not compared."""
+    changes = _config_changes(_flat_spec(saved["config"], may_change),
+                              _flat_spec(spec["config"], may_change))
+    if (spec.get("data_sha256") is not None
+            and saved.get("data_sha256") != spec["data_sha256"]):
+        changes.append("  the training data (another task, demo set or data seed)")
+    if changes:
+        _refuse(workdir, changes)
 
-    A fresh run records its config and a fingerprint of its training data in
-    DIR/run_spec.json. A run that finds a checkpoint compares against that
-    record: reusing a workdir for another task or learning rate then fails
-    with the keys that differ, instead of silently continuing (or, when the
-    old run had finished, skipping) the old run. Shapes alone cannot catch
-    this: every Meta-World task has the same observation and action sizes.
-    """
-    spec = {"config": _flat_spec(config_dict, may_change), "data_sha256": data_sha256}
-    path = os.path.join(workdir, RUN_SPEC_FILE)
-    if resuming and os.path.exists(path):
-        saved = read_json(path)
-        changes = _config_changes(saved["config"], spec["config"])
-        if saved.get("data_sha256") != data_sha256:
-            changes.append("  the training data (another task, demo set or data seed)")
-        if changes:
-            _refuse(workdir, changes)
-    elif is_main_process():
-        write_json(path, spec)
+
+def _no_spec(workdir: str) -> None:
+    raise ValueError(
+        f"{workdir} holds checkpoints but no readable record of the settings they were "
+        "trained with, so this run cannot tell whether resuming them is right. Use a fresh "
+        f"--workdir; or, to start this workdir over, move {os.path.join(workdir, 'checkpoints')} "
+        "away first.")
 
 
 def check_workdir_settings(workdir: str, config_dict: dict,
                            may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
-    """Before any work: refuse a workdir whose run_spec.json records other settings
-    (another experiment's or task's checkpoint), so that nothing is written there.
-    The data fingerprint is checked later, by `check_resume`, once the data exists."""
-    saved = read_json(os.path.join(workdir, RUN_SPEC_FILE))
-    if saved is not None and checkpoint_steps(workdir):
-        changes = _config_changes(saved["config"], _flat_spec(config_dict, may_change))
-        if changes:
-            _refuse(workdir, changes)
+    """Before any work: refuse a workdir whose newest checkpoint was trained with
+    other settings (another experiment's or task's), or whose checkpoints carry no
+    readable settings, so that nothing is written there. The data fingerprint is
+    checked later, by `restore_verified`, once the data exists."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return
+    saved = None
+    for step in reversed(steps):  # an unreadable newest one is dealt with at restore
+        saved = read_checkpoint_spec(workdir, step)
+        if saved is not None:
+            break
+    saved = saved or read_json(os.path.join(workdir, LEGACY_RUN_SPEC_FILE))
+    if saved is None:
+        _no_spec(workdir)
+    compare_run_specs(workdir, saved, run_spec(config_dict, None), may_change)
+
+
+def _torn_tail_lines(path: str) -> list[str]:
+    """The lines of a JSON-lines file; a torn last line (a kill mid-write) is
+    dropped with a warning naming the file. A bad line elsewhere is an error."""
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropping its torn last line ({line.strip()[:60]!r}), "
+                              "written by a run that was killed mid-write", stacklevel=3)
+                return lines[:-1]
+            raise ValueError(f"{path}, line {i + 1}, is not JSON ({e}); the metrics log is "
+                             "damaged: repair or remove that line") from e
+    return lines
 
 
 def drop_metrics_after(path: str, step: int) -> None:
     """A run killed after logging but before checkpointing logged steps it
-    will redo; drop them (atomically) so the resumed log has each step once."""
+    will redo; drop them (atomically) so the resumed log has each step once.
+    A torn last line goes too."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(kept) != len(lines):
+        text = f.read()
+    kept = [ln.rstrip("\n") + "\n" for ln in _torn_tail_lines(path)
+            if json.loads(ln).get("step", 0) <= step]
+    if "".join(kept) != text:
         atomic_write_text(path, "".join(kept))
 
 
@@ -218,8 +259,7 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    return [json.loads(ln) for ln in _torn_tail_lines(path)]
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -233,51 +273,170 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int | None = None, *,
-                       asynchronous: bool = True, read_only: bool = False
-                       ) -> ocp.CheckpointManager:
-    """Orbax manager for DIR/checkpoints.
+                       asynchronous: bool = True) -> ocp.CheckpointManager:
+    """Orbax manager for writing DIR/checkpoints (reading goes through `read_items`).
 
     asynchronous=False makes `save` return only once the checkpoint is written: needed
-    by a loop whose next step donates (overwrites in place) the arrays being saved.
-    read_only=True (loading a policy) creates and deletes nothing.
+    by a loop whose next step donates (overwrites) the arrays being saved.
     """
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                             read_only=read_only,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              enable_async_checkpointing=asynchronous),
     )
 
 
 STATE_ITEM = "state"
+# The JSON item beside the state: the run spec it was trained with, and the
+# state's fingerprint, checked on restore.
+SPEC_ITEM = "run_spec"
+QUARANTINE_DIR = "checkpoints-quarantine"
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, extra_items=None) -> None:
-    """Save `state` as the item "state" of checkpoint `step`, beside `extra_items`
-    ({name: orbax save args}, e.g. `Policy.checkpoint_args()`)."""
-    manager.save(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(state)}, **(extra_items or {})))
+def _all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(jax.device_get(tree))
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
-def restore_latest(manager: ocp.CheckpointManager, target):
-    """(state, step) from the newest complete checkpoint, or (target, 0).
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, spec: dict,
+                    extra_items=None) -> None:
+    """Save `state` as the item "state" of checkpoint `step`, with `spec` (see
+    `run_spec`) and the state's fingerprint, beside `extra_items` ({name: orbax
+    save args}, e.g. `Policy.checkpoint_args()`).
 
-    `target` supplies structure, shapes and shardings; orbax never reports an
-    unfinished (killed mid-save) checkpoint as the latest step.
+    A state with NaN or inf is refused: saving it would rotate a good checkpoint away.
     """
-    step = manager.latest_step()
-    if step is None:
-        return target, 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if not _all_finite(state):
+        raise FloatingPointError(
+            f"the state at step {step} holds NaN or inf values; it is not checkpointed, so "
+            f"the newest good checkpoint in {manager.directory} is kept")
+    record = {**spec, "state_sha256": tree_fingerprint(state)}
+    manager.save(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(state), SPEC_ITEM: ocp.args.JsonSave(record)},
+        **(extra_items or {})))
+
+
+def read_checkpoint_spec(workdir: str, step: int) -> dict | None:
+    """The run spec saved with checkpoint `step`, or None (an older checkpoint
+    without one, or one whose record cannot be read)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(step), SPEC_ITEM)):
+        return None
     try:
-        if os.path.isdir(os.path.join(str(manager.directory), str(step), STATE_ITEM)):
-            restored = manager.restore(step, args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
-        else:  # a checkpoint of the state alone (written before checkpoints had items)
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix spelled out
-        raise RuntimeError(
-            f"could not restore checkpoint step {step} from {manager.directory}: {e}\n"
-            "If the config changed shapes since that checkpoint, use a fresh --workdir."
-        ) from e
-    return restored, step
+        return dict(read_items(workdir, step, **{SPEC_ITEM: ocp.args.JsonRestore()})[SPEC_ITEM])
+    except Exception:  # noqa: BLE001 - a damaged record: the caller treats it as absent
+        return None
+
+
+def quarantine_checkpoint(workdir: str, step: int, reason: str) -> str:
+    """Move checkpoint `step` to DIR/checkpoints-quarantine/ (never deleted), with one
+    message saying why; returns where it went."""
+    src = os.path.join(workdir, "checkpoints", str(step))
+    dest = os.path.join(workdir, QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if is_main_process():
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(src, dest)
+    print(f"checkpoint step {step} in {workdir} failed verification ({reason}); "
+          f"moved it to {dest} and resuming from the newest good checkpoint", file=sys.stderr)
+    return dest
+
+
+def restore_verified(workdir: str, target, spec: dict,
+                     may_change: tuple[str, ...] = RESUME_MAY_CHANGE):
+    """(state, step) from the newest checkpoint that passes verification, or (target, 0).
+
+    Each checkpoint, newest first, must have been trained with `spec` (else
+    ValueError: the workdir belongs to another run), restore, hold finite
+    values and match the fingerprint saved with it. One that fails is moved to
+    DIR/checkpoints-quarantine/ and the next older one is tried. `target`
+    supplies structure, shapes and shardings; orbax never lists an unfinished
+    (killed mid-save) checkpoint.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    legacy_spec = read_json(os.path.join(workdir, LEGACY_RUN_SPEC_FILE))
+    for step in reversed(checkpoint_steps(workdir)):
+        step_dir = os.path.join(workdir, "checkpoints", str(step))
+        if os.path.isdir(os.path.join(step_dir, SPEC_ITEM)):
+            saved = read_checkpoint_spec(workdir, step)
+            if saved is None:
+                quarantine_checkpoint(workdir, step, "its run record cannot be read")
+                continue
+        elif legacy_spec is not None:  # written before the spec moved into checkpoints
+            saved = legacy_spec
+        else:
+            _no_spec(workdir)
+        compare_run_specs(workdir, saved, spec, may_change)
+        try:
+            state = _restore_state(workdir, step, abstract)
+        except Exception as e:  # noqa: BLE001
+            if "state_sha256" not in saved:  # an old checkpoint: most likely a shape change
+                raise RuntimeError(
+                    f"could not restore checkpoint step {step} from {step_dir}: {e}\n"
+                    "If the config changed shapes since that checkpoint, use a fresh "
+                    "--workdir.") from e
+            quarantine_checkpoint(workdir, step, f"it cannot be read: {str(e).splitlines()[0]}")
+            continue
+        if not _all_finite(state):
+            quarantine_checkpoint(workdir, step, "it holds NaN or inf values")
+            continue
+        if "state_sha256" in saved and tree_fingerprint(state) != saved["state_sha256"]:
+            quarantine_checkpoint(workdir, step, "its contents differ from the fingerprint "
+                                                 "saved with it")
+            continue
+        return state, step
+    return target, 0
+
+
+def read_items(workdir: str, step: int, **items) -> dict:
+    """Read the named items of checkpoint `step` ({name: orbax restore args}).
+
+    Straight from the step's directory, without a CheckpointManager: reading
+    creates, deletes and logs nothing.
+    """
+    step_dir = os.path.abspath(os.path.join(workdir, "checkpoints", str(step)))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(step_dir, args=ocp.args.Composite(**items))
+
+
+def _restore_state(workdir: str, step: int, abstract):
+    # "default": a checkpoint of the state alone (written before checkpoints had items).
+    name = STATE_ITEM if os.path.isdir(os.path.join(workdir, "checkpoints", str(step),
+                                                    STATE_ITEM)) else "default"
+    return read_items(workdir, step, **{name: ocp.args.StandardRestore(abstract)})[name]
+
+
+# Workdirs this process holds the lock of (for re-entry only).
+_HELD_LOCKS: set[str] = set()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold DIR/.lock (an OS advisory lock) for the block: a second process on the
+    same workdir fails at once, naming the holder's pid. The OS drops the lock when
+    its process dies, so a killed run leaves no stale lock. Re-entrant within a
+    process (an experiment and the fit inside it lock the same workdir)."""
+    key = os.path.realpath(workdir)
+    if key in _HELD_LOCKS:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RuntimeError(f"{workdir} is in use by another run (pid {holder}); wait for "
+                               "it to finish, stop it, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
+

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
+from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.reporting.sweep import summarize, write_results
@@ -134,6 +135,7 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
     `python -m energyflow_jax.main --config=sweeps/sweep_toy.py --workdir=DIR`;
     re-running the same command resumes (finished groups are skipped).
     """
+    config_lib.validate(config)
     t0 = time.perf_counter()
     if config.sweep.task not in TASKS:
         raise ValueError(f"unknown sweep.task {config.sweep.task!r}; known: {sorted(TASKS)}")

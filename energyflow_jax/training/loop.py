@@ -38,6 +38,9 @@ def validate_data(data: dict) -> None:
         arr = np.asarray(data[key])
         if arr.ndim != 3:
             raise ValueError(f"data[{key!r}] must be (N, horizon, dim), got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"data[{key!r}] holds no training windows (shape {arr.shape}): "
+                             "the demos are shorter than one window, or there are none")
         if not np.all(np.isfinite(arr)):
             bad = np.argwhere(~np.isfinite(arr).all(axis=(1, 2)))[:5, 0].tolist()
             raise ValueError(f"data[{key!r}] contains NaN or inf (first bad windows: {bad})")
@@ -54,14 +57,13 @@ class MemberRun(NamedTuple):
     seed: int
 
 
-def _init_state(config, model, tx, members, mesh):
-    if members is None:
-        state = training.TrainState.create(model, tx, training.HParams.from_config(config),
-                                           jax.random.PRNGKey(config.seed))
-        return training.replicate(state, mesh)
-    # One member at a time with the single-member init: vmapping the init
-    # compiles several times slower, for nothing.
+def _init_state(config, model, members, mesh):
+    # Jitted (op by op is several times slower); members are created one at a time
+    # with the single-run program: vmapping the init compiles several times slower.
     create = _jitted_create(model, _optim_key(config))
+    if members is None:
+        state = create(training.HParams.from_config(config), jax.random.PRNGKey(config.seed))
+        return training.replicate(state, mesh)
     states = [create(training.HParams.from_config(m.config), jax.random.PRNGKey(m.seed))
               for m in members]
     return jax.device_put(training.stack(states), NamedSharding(mesh, P("member")))
@@ -124,21 +126,23 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         mesh = training.make_mesh(config.train.num_devices or None)
     else:
         mesh = training.member_mesh(len(members), member_devices)
-    tx = training.make_optimizer(config.optim)
     data = training.replicate(jax.tree.map(jnp.asarray, data), mesh)
 
-    manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
-    # Closed on any exit, a refused resume or an error mid-run included.
+    # Released and closed on any exit, a refused resume or an error mid-run included.
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(manager.close)
-        spec = config.to_dict()
+        cleanup.enter_context(run_dir.workdir_lock(workdir))
+        config_dict = config.to_dict()
         if members is not None:  # what the members differ in is part of what was trained
-            spec["members"] = [{"seed": m.seed, "hparams": _hparams_dict(m.config)} for m in members]
-        run_dir.check_resume(workdir, spec, data_sha256,
-                             resuming=manager.latest_step() is not None,
-                             may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
-        state = _init_state(config, model, tx, members, mesh)
-        state, start_step = run_dir.restore_latest(manager, state)
+            config_dict["members"] = [{"seed": m.seed, "hparams": _hparams_dict(m.config)}
+                                      for m in members]
+        spec = run_dir.run_spec(config_dict, data_sha256)
+        state = _init_state(config, model, members, mesh)
+        state, start_step = run_dir.restore_verified(
+            workdir, state, spec,
+            may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
+        # Opened after the restore, which may have set bad checkpoints aside.
+        manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
+        cleanup.callback(manager.close)
         total = config.optim.total_steps
         per_chunk = config.train.steps_per_chunk
         if start_step % per_chunk and start_step != total:
@@ -162,6 +166,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         logged = ([m for m in run_dir.read_metrics(workdir) if m.get("step") == start_step]
                   if finished else [])
         metrics = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
+        if finished and members is None:
+            _check_report_fingerprint(workdir, state)
         step = start_step
         for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
             n = min(per_chunk, total - step)
@@ -184,7 +190,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
             last = chunk_index == n_chunks - 1
             if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
                 extra = make_policy(state.ema_params).checkpoint_args() if make_policy else None
-                run_dir.save_checkpoint(manager, step, state, extra)
+                run_dir.save_checkpoint(manager, step, state, spec, extra)
                 if members is not None:
                     manager.wait_until_finished()
             status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
@@ -205,6 +211,20 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
                             // (1 if members is None else len(members))),
             "devices": [str(d) for d in mesh.devices.flat]}
     return state, info
+
+
+def _check_report_fingerprint(workdir: str, state: training.TrainState) -> None:
+    """A finished run re-run: its report must describe the parameters restored."""
+    report = run_dir.read_json(os.path.join(workdir, "report.json"))
+    if report is None or "ema_params_sha256" not in report:
+        return
+    found = run_dir.tree_fingerprint(jax.device_get(state.ema_params))
+    if found != report["ema_params_sha256"]:
+        raise RuntimeError(
+            f"{workdir}/report.json describes parameters with fingerprint "
+            f"{report['ema_params_sha256'][:12]}..., but the checkpoint restored holds "
+            f"{found[:12]}...: the report or the checkpoint was replaced or damaged. Use a "
+            "fresh --workdir to retrain.")
 
 
 def _hparams_dict(member_config) -> dict:

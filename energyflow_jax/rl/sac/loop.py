@@ -4,10 +4,12 @@
 reward from `energyflow_jax.rewards` (environment, energy or adversarial). Checkpoints
 (orbax, through `io.run_dir`) hold the agent, replay buffer, RNG, learned-reward state
 and episode counters; metrics go to workdir/metrics.jsonl through `run_dir.MetricsWriter`
-and the resume guard is `run_dir.check_resume` (workdir/run_spec.json).
+and the resume guard is `run_dir.restore_verified` (the run spec saved in each checkpoint).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import functools
 import time
@@ -180,7 +182,7 @@ def train_sac(
         `rewards.LearnedReward` such as `airl.AdversarialReward` (updated and re-scored
         inside every gradient step). Its shapes are checked against the environment
         before anything else happens (ValueError on mismatch).
-    workdir: metrics.jsonl, run_spec.json and orbax checkpoints (workdir/checkpoints),
+    workdir: metrics.jsonl and orbax checkpoints (workdir/checkpoints, each with its run spec),
         all written through `io.run_dir`. If a checkpoint exists the run resumes from it
         (refused, naming the keys, if learner settings outside RESUME_MAY_CHANGE differ):
         agent, replay buffer, RNG, learned-reward state and episode counters are restored
@@ -236,17 +238,18 @@ def train_sac(
         episode_counts=jnp.zeros((num_envs,), jnp.int32),
     )
 
+    spec = run_dir.run_spec(config.to_dict(), None)
+    cleanup = contextlib.ExitStack()  # the envs and the workdir lock; closed last
+    cleanup.callback(envs.close)
+    try:
+        cleanup.enter_context(run_dir.workdir_lock(workdir))
+        state, start_step = run_dir.restore_verified(workdir, state, spec,
+                                                     may_change=RESUME_MAY_CHANGE)
+    except BaseException:
+        cleanup.close()
+        raise
     # Synchronous saves: the next step donates (overwrites) the arrays being saved.
     manager = run_dir.checkpoint_manager(workdir, config.max_checkpoints, asynchronous=False)
-    try:
-        run_dir.check_resume(workdir, config.to_dict(), None,
-                             resuming=manager.latest_step() is not None,
-                             may_change=RESUME_MAY_CHANGE)
-        state, start_step = run_dir.restore_latest(manager, state)
-    except (ValueError, RuntimeError):
-        manager.close()
-        envs.close()
-        raise
     env_step = int(state.env_step)  # == start_step
     envs.episode_counts = np.asarray(state.episode_counts, np.int64)
     envs.reset_all()
@@ -265,7 +268,7 @@ def train_sac(
     def save(step: int) -> None:
         run_dir.save_checkpoint(manager, step, state.replace(
             env_step=jnp.asarray(step, jnp.int32),
-            episode_counts=jnp.asarray(envs.episode_counts, jnp.int32)))
+            episode_counts=jnp.asarray(envs.episode_counts, jnp.int32)), spec)
 
     try:
         while env_step < config.total_env_steps:
@@ -335,5 +338,5 @@ def train_sac(
         writer.close()
         manager.wait_until_finished()
         manager.close()
-        envs.close()
+        cleanup.close()
     return state.agent, eval_metrics
