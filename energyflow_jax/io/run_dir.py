@@ -281,8 +281,11 @@ def checkpoint_manager(workdir: str, max_to_keep: int | None = None, *,
     """
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
+        # cleanup_tmp_directories: a save cut short by a kill leaves a temporary
+        # directory; it is removed when the run resumes.
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             enable_async_checkpointing=asynchronous),
+                                             enable_async_checkpointing=asynchronous,
+                                             cleanup_tmp_directories=True),
     )
 
 
