@@ -72,7 +72,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     signal.signal(signal.SIGINT, functools.partial(_interrupted, _WORKDIR.value))
-    report = run(_CONFIG.value, _WORKDIR.value)
+    try:
+        report = run(_CONFIG.value, _WORKDIR.value)
+    except (config_lib.ConfigError, run_dir.WorkdirError) as e:
+        # Input the user can fix: the message says how, a traceback would bury it.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     summary = {k: v for k, v in report.items() if k not in ("config",)}
     report_file = REPORT_FILES.get(_CONFIG.value.experiment, "report.json")
     print(f"report: {os.path.join(_WORKDIR.value, report_file)}")

@@ -102,7 +102,7 @@ def test_finished_run_rerun_checks_the_report_against_the_checkpoint(uninterrupt
     report = run_dir.read_json(path)
     report["ema_params_sha256"] = "0" * 64  # a report that describes other parameters
     run_dir.write_json(path, report)
-    with pytest.raises(RuntimeError, match="report.json describes parameters"):
+    with pytest.raises(run_dir.WorkdirError, match="report.json describes parameters"):
         toy.train_and_evaluate(_toy(), workdir)
     assert run_dir.read_json(path)["ema_params_sha256"] == "0" * 64  # not overwritten
 
@@ -149,7 +149,8 @@ def test_a_second_process_on_a_workdir_is_refused_and_a_dead_holder_does_not_blo
         cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+        with pytest.raises(run_dir.WorkdirError,
+                           match=f"in use by another run \\(pid {holder.pid}\\)"):
             with run_dir.workdir_lock(workdir):
                 pass
         t0 = time.perf_counter()
@@ -157,7 +158,8 @@ def test_a_second_process_on_a_workdir_is_refused_and_a_dead_holder_does_not_blo
             [sys.executable, "-m", "energyflow_jax.main", "--config=sweeps/toy.py:tiny",
              f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True,
             timeout=300)
-        assert cli.returncode != 0 and f"pid {holder.pid}" in cli.stderr
+        assert cli.returncode == 2 and f"pid {holder.pid}" in cli.stderr
+        assert "Traceback" not in cli.stderr
         assert time.perf_counter() - t0 < 60  # at once: no training before the refusal
         assert sorted(os.listdir(workdir)) == [".lock"]
     finally:

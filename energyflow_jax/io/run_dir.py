@@ -90,6 +90,11 @@ RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "data.ex
                      "train.checkpoint_every_chunks", "train.max_checkpoints")
 
 
+class WorkdirError(ValueError):
+    """A workdir this run must not use as it is (another run's, unverifiable, in use);
+    the message says how to proceed."""
+
+
 def run_spec(config_dict: dict, data_sha256: str | None) -> dict:
     """What a checkpoint was trained with: the config and a fingerprint of the data."""
     return {"config": json.loads(json.dumps(config_dict, default=_jsonable)),
@@ -110,7 +115,7 @@ def _config_changes(old: dict, new: dict) -> list[str]:
 
 
 def _refuse(workdir: str, changes: list[str]) -> None:
-    raise ValueError(
+    raise WorkdirError(
         f"{workdir} holds a checkpoint trained with other settings, so it cannot be "
         "resumed by this run:\n" + "\n".join(changes) +
         "\nUse a fresh --workdir, or the original settings to resume it.")
@@ -130,7 +135,7 @@ def compare_run_specs(workdir: str, saved: dict, spec: dict,
 
 
 def _no_spec(workdir: str) -> None:
-    raise ValueError(
+    raise WorkdirError(
         f"{workdir} holds checkpoints but no readable record of the settings they were "
         "trained with, so this run cannot tell whether resuming them is right. Use a fresh "
         f"--workdir; or, to start this workdir over, move {os.path.join(workdir, 'checkpoints')} "
@@ -348,7 +353,7 @@ def restore_verified(workdir: str, target, spec: dict,
     """(state, step) from the newest checkpoint that passes verification, or (target, 0).
 
     Each checkpoint, newest first, must have been trained with `spec` (else
-    ValueError: the workdir belongs to another run), restore, hold finite
+    WorkdirError: the workdir belongs to another run), restore, hold finite
     values and match the fingerprint saved with it. One that fails is moved to
     DIR/checkpoints-quarantine/ and the next older one is tried. `target`
     supplies structure, shapes and shardings; orbax never lists an unfinished
@@ -431,7 +436,7 @@ def workdir_lock(workdir: str):
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RuntimeError(f"{workdir} is in use by another run (pid {holder}); wait for "
+            raise WorkdirError(f"{workdir} is in use by another run (pid {holder}); wait for "
                                "it to finish, stop it, or use another --workdir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -220,7 +220,7 @@ def _check_report_fingerprint(workdir: str, state: training.TrainState) -> None:
         return
     found = run_dir.tree_fingerprint(jax.device_get(state.ema_params))
     if found != report["ema_params_sha256"]:
-        raise RuntimeError(
+        raise run_dir.WorkdirError(
             f"{workdir}/report.json describes parameters with fingerprint "
             f"{report['ema_params_sha256'][:12]}..., but the checkpoint restored holds "
             f"{found[:12]}...: the report or the checkpoint was replaced or damaged. Use a "
