@@ -301,9 +301,16 @@ SPEC_ITEM = "run_spec"
 QUARANTINE_DIR = "checkpoints-quarantine"
 
 
-def _all_finite(tree) -> bool:
-    return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(jax.device_get(tree))
-               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+def _verify(tree, sha256: str | None) -> str | None:
+    """Why a state fails verification (NaN/inf, or not the fingerprint `sha256`), or None.
+    One copy to the host serves both checks."""
+    host = jax.device_get(tree)
+    if not all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(host)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact)):
+        return "it holds NaN or inf values"
+    if sha256 is not None and tree_fingerprint(host) != sha256:
+        return "its contents differ from the fingerprint saved with it"
+    return None
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, spec: dict,
@@ -314,11 +321,12 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, spec: dict
 
     A state with NaN or inf is refused: saving it would rotate a good checkpoint away.
     """
-    if not _all_finite(state):
+    host = jax.device_get(state)
+    if _verify(host, None) is not None:
         raise FloatingPointError(
             f"the state at step {step} holds NaN or inf values; it is not checkpointed, so "
             f"the newest good checkpoint in {manager.directory} is kept")
-    record = {**spec, "state_sha256": tree_fingerprint(state)}
+    record = {**spec, "state_sha256": tree_fingerprint(host)}
     manager.save(step, args=ocp.args.Composite(
         **{STATE_ITEM: ocp.args.StandardSave(state), SPEC_ITEM: ocp.args.JsonSave(record)},
         **(extra_items or {})))
@@ -383,12 +391,9 @@ def restore_verified(workdir: str, target, spec: dict,
                     "--workdir.") from e
             quarantine_checkpoint(workdir, step, f"it cannot be read: {str(e).splitlines()[0]}")
             continue
-        if not _all_finite(state):
-            quarantine_checkpoint(workdir, step, "it holds NaN or inf values")
-            continue
-        if "state_sha256" in saved and tree_fingerprint(state) != saved["state_sha256"]:
-            quarantine_checkpoint(workdir, step, "its contents differ from the fingerprint "
-                                                 "saved with it")
+        reason = _verify(state, saved.get("state_sha256"))
+        if reason is not None:
+            quarantine_checkpoint(workdir, step, reason)
             continue
         return state, step
     return target, 0
