@@ -128,7 +128,6 @@ class Policy(struct.PyTreeNode):
     @classmethod
     def load(cls, workdir: str, step: int | None = None) -> "Policy":
         """The policy saved in `workdir`'s checkpoints (the latest step, or `step`)."""
-        ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         steps = run_dir.checkpoint_steps(workdir)
         if not steps:
             what = "does not exist" if not os.path.isdir(workdir) else "holds no finished checkpoint"
@@ -138,7 +137,7 @@ class Policy(struct.PyTreeNode):
             step = steps[-1]
         elif step not in steps:
             raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
-        step_dir = os.path.join(ckpt_dir, str(step))
+        step_dir = run_dir.step_dir(workdir, step)
         if not os.path.isdir(os.path.join(step_dir, SPEC_ITEM)):
             raise ValueError(
                 f"checkpoint step {step} in {workdir} holds no policy: it was written by an "

@@ -162,11 +162,11 @@ def check_workdir_settings(workdir: str, config_dict: dict,
     compare_run_specs(workdir, saved, run_spec(config_dict, None), may_change)
 
 
-def _torn_tail_lines(path: str) -> list[str]:
-    """The lines of a JSON-lines file; a torn last line (a kill mid-write) is
-    dropped with a warning naming the file. A bad line elsewhere is an error."""
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
+def _torn_tail_lines(path: str, text: str) -> list[str]:
+    """The lines of `text`, the JSON-lines file at `path`; a torn last line (a kill
+    mid-write) is dropped with a warning naming the file. A bad line elsewhere is an
+    error."""
+    lines = [ln for ln in text.splitlines(keepends=True) if ln.strip()]
     for i, line in enumerate(lines):
         try:
             json.loads(line)
@@ -188,7 +188,7 @@ def drop_metrics_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         text = f.read()
-    kept = [ln.rstrip("\n") + "\n" for ln in _torn_tail_lines(path)
+    kept = [ln.rstrip("\n") + "\n" for ln in _torn_tail_lines(path, text)
             if json.loads(ln).get("step", 0) <= step]
     if "".join(kept) != text:
         atomic_write_text(path, "".join(kept))
@@ -264,7 +264,13 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    return [json.loads(ln) for ln in _torn_tail_lines(path)]
+    with open(path) as f:
+        return [json.loads(ln) for ln in _torn_tail_lines(path, f.read())]
+
+
+def step_dir(workdir: str, step: int) -> str:
+    """DIR/checkpoints/<step>: where checkpoint `step` lives."""
+    return os.path.join(workdir, "checkpoints", str(step))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -335,7 +341,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, spec: dict
 def read_checkpoint_spec(workdir: str, step: int) -> dict | None:
     """The run spec saved with checkpoint `step`, or None (an older checkpoint
     without one, or one whose record cannot be read)."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(step), SPEC_ITEM)):
+    if not os.path.isdir(os.path.join(step_dir(workdir, step), SPEC_ITEM)):
         return None
     try:
         return dict(read_items(workdir, step, **{SPEC_ITEM: ocp.args.JsonRestore()})[SPEC_ITEM])
@@ -346,7 +352,7 @@ def read_checkpoint_spec(workdir: str, step: int) -> dict | None:
 def quarantine_checkpoint(workdir: str, step: int, reason: str) -> str:
     """Move checkpoint `step` to DIR/checkpoints-quarantine/ (never deleted), with one
     message saying why; returns where it went."""
-    src = os.path.join(workdir, "checkpoints", str(step))
+    src = step_dir(workdir, step)
     dest = os.path.join(workdir, QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
     if is_main_process():
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -370,8 +376,7 @@ def restore_verified(workdir: str, target, spec: dict,
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     legacy_spec = read_json(os.path.join(workdir, LEGACY_RUN_SPEC_FILE))
     for step in reversed(checkpoint_steps(workdir)):
-        step_dir = os.path.join(workdir, "checkpoints", str(step))
-        if os.path.isdir(os.path.join(step_dir, SPEC_ITEM)):
+        if os.path.isdir(os.path.join(step_dir(workdir, step), SPEC_ITEM)):
             saved = read_checkpoint_spec(workdir, step)
             if saved is None:
                 quarantine_checkpoint(workdir, step, "its run record cannot be read")
@@ -386,7 +391,8 @@ def restore_verified(workdir: str, target, spec: dict,
         except Exception as e:  # noqa: BLE001
             if "state_sha256" not in saved:  # an old checkpoint: most likely a shape change
                 raise RuntimeError(
-                    f"could not restore checkpoint step {step} from {step_dir}: {e}\n"
+                    f"could not restore checkpoint step {step} from "
+                    f"{step_dir(workdir, step)}: {e}\n"
                     "If the config changed shapes since that checkpoint, use a fresh "
                     "--workdir.") from e
             quarantine_checkpoint(workdir, step, f"it cannot be read: {str(e).splitlines()[0]}")
@@ -405,15 +411,15 @@ def read_items(workdir: str, step: int, **items) -> dict:
     Straight from the step's directory, without a CheckpointManager: reading
     creates, deletes and logs nothing.
     """
-    step_dir = os.path.abspath(os.path.join(workdir, "checkpoints", str(step)))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(step_dir, args=ocp.args.Composite(**items))
+        return checkpointer.restore(os.path.abspath(step_dir(workdir, step)),
+                                    args=ocp.args.Composite(**items))
 
 
 def _restore_state(workdir: str, step: int, abstract):
     # "default": a checkpoint of the state alone (written before checkpoints had items).
-    name = STATE_ITEM if os.path.isdir(os.path.join(workdir, "checkpoints", str(step),
-                                                    STATE_ITEM)) else "default"
+    name = STATE_ITEM if os.path.isdir(os.path.join(step_dir(workdir, step), STATE_ITEM)) \
+        else "default"
     return read_items(workdir, step, **{name: ocp.args.StandardRestore(abstract)})[name]
 
 
