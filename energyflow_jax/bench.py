@@ -183,9 +183,24 @@ def main(argv=None) -> dict:
                              "worker processes (10 envs x 100 steps, random policy)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time an 8-member vmapped sweep against 8 sequential runs")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="the accelerator check (energyflow_jax.gpu_check): one JSON line "
+                             "per stage, also written to OUT/gpu_check.jsonl")
+    parser.add_argument("--out", default="gpu_check", help="--gpu-check's output folder")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--gpu-check on a tiny model, in seconds (CI runs it on CPU)")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="--gpu-check skips the stages that would start after this many "
+                             "seconds")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.smoke and not args.gpu_check:
+        parser.error("--smoke is a mode of --gpu-check")
+    if args.gpu_check:
+        from energyflow_jax import gpu_check
+        return gpu_check.run(args.out, smoke=args.smoke, ref_path=args.ref,
+                             budget_s=args.budget_s)
 
     if args.eval_workers:
         results = bench_eval_workers(args.eval_workers, repeats=max(args.repeats, 2))

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
         time_emb_dim=128,
         spectral_norm=True,
         dtype="float32",              # matmul compute dtype: "float32" | "bfloat16"
+        conv_impl="auto",             # "auto" (by backend) | "lax" | "winograd" | "windows"
+        matmul_precision="default",   # "default" (backend's) | "high" | "highest"
     ))
     c.diffusion = ml_collections.ConfigDict(dict(
         sigma_min=0.01, sigma_max=10.0, T=1.0,
@@ -48,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_checkpoints=2,
         num_devices=0,                # 0: every local device
         distributed=False,            # call jax.distributed.initialize() (multi-host)
+        compilation_cache_dir="",     # persistent XLA compilation cache; "" = none
     ))
     c.data = ml_collections.ConfigDict(dict(obs_horizon=2, pred_horizon=16, exec_horizon=8))
     c.log = ml_collections.ConfigDict(dict(
@@ -164,6 +167,8 @@ _RANGES = {
     "model.kind": _one_of("conservative", "free"),
     "model.arch": _one_of("unet", "mlp"),
     "model.dtype": _one_of("float32", "bfloat16"),
+    "model.conv_impl": _one_of("auto", "lax", "winograd", "windows"),
+    "model.matmul_precision": _one_of("default", "high", "highest"),
     "model.down_dims": _int_at_least(1),
     "model.mlp_dims": _int_at_least(1),
     "model.head_dims": _int_at_least(1),
@@ -267,6 +272,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo >= hi:
                 errors.append(f"  {prefix}diffusion.sigma_min={lo}: must be < "
                               f"{prefix}diffusion.sigma_max={hi}")
+        prefix = key[: -len("model.conv_impl")]
+        if key.endswith("model.conv_impl") and value == "winograd" and \
+                flat.get(prefix + "model.dtype") == "bfloat16":
+            errors.append(f"  {prefix}model.conv_impl='winograd': cannot run with "
+                          f"{prefix}model.dtype='bfloat16' (the Winograd transforms amplify "
+                          "bfloat16 rounding); use 'lax', 'windows' or 'auto'")
     if flat.get("experiment") in ("toy",) or flat.get("sweep.task") == "toy":
         for key in ("data.obs_horizon", "data.pred_horizon", "data.exec_horizon"):
             if _is_int(flat.get(key)) and flat[key] > 1:

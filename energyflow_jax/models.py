@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from energyflow_jax.nn import layers
+from energyflow_jax.nn import kernels, layers
 
 KINDS = ("conservative", "free")
 ARCHS = ("unet", "mlp")
@@ -41,12 +41,15 @@ class Conditioning(NamedTuple):
     def combined(self) -> tuple:
         return tuple(s + t for s, t in zip(self.state, self.time))
 
-    def at(self, k) -> tuple:
-        # Row k as a one-hot product, not t[k]: XLA on CPU fuses a dynamic
-        # slice into every elementwise consumer, which then runs about 4x
+    def at(self, k, policy: kernels.KernelPolicy = kernels.KernelPolicy()) -> tuple:
+        if policy.plain:
+            return tuple(s + t[k] for s, t in zip(self.state, self.time))
+        # CPU forms: row k as a one-hot product, not t[k]: XLA on CPU fuses a
+        # dynamic slice into every elementwise consumer, which then runs about 4x
         # slower (measured: the sampler's FiLM fusions at batch 256). The
-        # product is exact for finite rows: every other row is multiplied by 0.
-        return tuple(s + jax.nn.one_hot(k, t.shape[0], dtype=t.dtype) @ t
+        # product is exact for finite rows at HIGHEST precision.
+        return tuple(s + jnp.dot(jax.nn.one_hot(k, t.shape[0], dtype=t.dtype), t,
+                                 precision=kernels.HIGHEST)
                      for s, t in zip(self.state, self.time))
 
 
@@ -71,33 +74,39 @@ class ConditionalNetwork(nn.Module):
     time_emb_dim: int
     spectral_norm: bool
     dtype: Any
+    policy: kernels.KernelPolicy = kernels.KernelPolicy()
 
     def setup(self):
-        self.state_encoder = layers.StateEncoder(self.state_emb_dim, self.dtype)
-        self.time_embedding = layers.SinusoidalTimeEmbedding(self.time_emb_dim, self.dtype)
+        dtype, policy = self.dtype, self.policy
+        self.state_encoder = layers.StateEncoder(self.state_emb_dim, dtype, policy)
+        self.time_embedding = layers.SinusoidalTimeEmbedding(self.time_emb_dim, dtype, policy)
         cond_dim = self.state_emb_dim + self.time_emb_dim
         action_size = math.prod(self.action_shape)
         if self.arch == "unet":
-            self.unet = layers.UNet1D(self.down_dims, self.kernel_size, self.n_groups, self.dtype)
-            self.cond_layers = [layers.CondProjection(2 * f, cond_dim, self.dtype)
+            self.unet = layers.UNet1D(self.down_dims, self.kernel_size, self.n_groups, dtype,
+                                      policy)
+            self.cond_layers = [layers.CondProjection(2 * f, cond_dim, dtype, policy)
                                 for f in layers.unet_block_features(self.down_dims)]
             if self.kind == "free":
-                self.field_out = layers.Conv1D(self.action_shape[-1], 1, dtype=self.dtype)
+                self.field_out = layers.Conv1D(self.action_shape[-1], 1, dtype=dtype,
+                                               policy=policy)
         else:
             # The first MLP layer reads concat(a, state_emb, time_emb): its
             # action part is mlp_in, its conditioning part cond_layers[0].
             fan_in = action_size + cond_dim
-            self.cond_layers = [layers.CondProjection(self.mlp_dims[0], fan_in, self.dtype)]
-            self.mlp_in = layers.Dense(self.mlp_dims[0], use_bias=False, dtype=self.dtype,
-                                         fan_in=fan_in)
-            self.mlp_hidden = [layers.Dense(w, dtype=self.dtype) for w in self.mlp_dims[1:]]
+            self.cond_layers = [layers.CondProjection(self.mlp_dims[0], fan_in, dtype, policy)]
+            self.mlp_in = layers.Dense(self.mlp_dims[0], use_bias=False, dtype=dtype,
+                                       fan_in=fan_in, policy=policy)
+            self.mlp_hidden = [layers.Dense(w, dtype=dtype, policy=policy)
+                               for w in self.mlp_dims[1:]]
             if self.kind == "free":
-                self.field_out = layers.Dense(action_size)
+                self.field_out = layers.Dense(action_size, policy=policy)
         if self.kind == "conservative":
             # Spectral normalization keeps the head's Lipschitz constant at 1,
             # which is what the capacity bound (Theorem 3.6) leans on.
             layer = layers.SpectralDense if self.spectral_norm else layers.Dense
-            self.head = [layer(w) for w in self.head_dims] + [layer(1, use_bias=False)]
+            self.head = ([layer(w, policy=policy) for w in self.head_dims]
+                         + [layer(1, use_bias=False, policy=policy)])
 
     def __call__(self, a: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
         return self.trunk(a, self.conditioning(s, t).combined())
@@ -140,8 +149,16 @@ class EnergyFlowModel:
     def kind(self) -> str:
         return self.network.kind
 
+    @property
+    def policy(self) -> kernels.KernelPolicy:
+        """The resolved convolution form and matmul precision (nn.kernels)."""
+        return self.network.policy
+
     @classmethod
-    def create(cls, config: ml_collections.ConfigDict, obs_shape, action_shape) -> "EnergyFlowModel":
+    def create(cls, config: ml_collections.ConfigDict, obs_shape, action_shape,
+               backend: str | None = None) -> "EnergyFlowModel":
+        """The model of config (the `model` section) for these shapes; `model.conv_impl`
+        "auto" resolves for `backend` (default: jax.default_backend())."""
         if config.kind not in KINDS:
             raise ValueError(f"model.kind must be one of {KINDS}, got {config.kind!r}")
         if config.arch not in ARCHS:
@@ -154,13 +171,16 @@ class EnergyFlowModel:
             raise ValueError(
                 f"every model.down_dims entry must be divisible by model.n_groups="
                 f"{config.n_groups}, got {tuple(config.down_dims)}")
+        policy = kernels.resolve_policy(config.get("conv_impl", "auto"),
+                                        config.get("matmul_precision", "default"),
+                                        config.dtype, backend)
         network = ConditionalNetwork(
             kind=config.kind, arch=config.arch, action_shape=tuple(action_shape),
             down_dims=tuple(config.down_dims),
             kernel_size=config.kernel_size, n_groups=config.n_groups,
             mlp_dims=tuple(config.mlp_dims), head_dims=tuple(config.head_dims),
             state_emb_dim=config.state_emb_dim, time_emb_dim=config.time_emb_dim,
-            spectral_norm=config.spectral_norm, dtype=DTYPES[config.dtype],
+            spectral_norm=config.spectral_norm, dtype=DTYPES[config.dtype], policy=policy,
         )
         return cls(network, tuple(obs_shape), tuple(action_shape))
 

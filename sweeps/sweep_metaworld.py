@@ -10,7 +10,9 @@ steps all members' environments together with one sampler call per replan.
 
 Presets: "default" (the Meta-World CPU preset's model and data, 3 seeds x 2
 learning rates x 2 EMA decays = 12 members; an accelerator's job, or a long CPU
-one), "tiny" (seconds; 2 seeds of sweeps/metaworld.py:tiny, for tests).
+one), "paper" (sweeps/metaworld.py:paper on config.task, seeds 0-2 in one
+program; an accelerator's job), "tiny" (seconds; 2 seeds of
+sweeps/metaworld.py:tiny, for tests).
 Writes results.md / results.json (per member: settings, seed, success rate,
 Wilson CI; per setting: mean and std over seeds, best marked) and results.png.
 """
@@ -31,7 +33,15 @@ def _tiny(c):
     c.sweep.seeds = (0, 1)
 
 
-PRESETS = {"default": ("default", _default), "tiny": ("tiny", _tiny)}
+def _paper(c):
+    """The published recipe on one task (config.task), its 3 training seeds vmapped."""
+    c.tasks = ()
+    c.sweep.grid = sweep_grid({})
+    c.sweep.seeds = (0, 1, 2)
+
+
+PRESETS = {"default": ("default", _default), "tiny": ("tiny", _tiny),
+           "paper": ("paper", _paper)}
 
 
 def get_config(preset=None):

@@ -1,4 +1,7 @@
-"""The benchmark's bookkeeping (no timing here: speed targets live in the bench)."""
+"""The benchmark's bookkeeping and the GPU check's smoke mode (no timing asserted: speed
+targets live in the bench)."""
+import json
+
 from energyflow_jax import bench
 
 
@@ -22,3 +25,37 @@ def test_missing_reference_is_reported_with_its_path(tmp_path):
     assert str(missing) in reason and "ENERGYFLOW_REF_TORCH" in reason
     (tmp_path / "ref_torch.py").write_text("")
     assert bench.ref_unavailable(str(missing)) in (None, "torch is not importable")
+
+
+def test_gpu_check_smoke_runs_every_stage(tmp_path):
+    """The accelerator check's code path on CPU in its smoke mode, so it cannot rot
+    between the sessions that have a GPU."""
+    from energyflow_jax import gpu_check
+    records = bench.main(["--gpu-check", "--smoke", "--out", str(tmp_path)])
+    lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records))  # every record printed is written
+    stages = [r["stage"] for r in records]
+    assert {"env", "train", "sample", "torch_ref", "sweep", "parity", "summary"} <= set(stages)
+    assert not [r for r in records if "error" in r]
+    parity = next(r for r in records if r["stage"] == "parity")["rel_err"]
+    assert set(parity) == {"lax/highest", "windows/highest"}
+    assert all(err < 1e-5 for form in parity.values() for err in form.values())
+    for r in records:
+        if r["stage"] == "train":
+            assert r["steps_per_s"] > 0 and r["direct_gflop_per_step"] > 0
+        if r["stage"] == "sample":
+            assert 0 < r["ms_b1_median"] <= r["ms_b1_p90"]
+        if r["stage"] == "sweep":
+            assert r["n_members"] == 2 and r["aggregate_steps_per_s"] > 0
+    summary = records[-1]
+    assert summary["stage"] == "summary" and summary["auto_conv_impl"] == "windows+winograd"
+
+
+def test_peaks_by_device_kind_unit_and_count():
+    from energyflow_jax import gpu_check
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3", "tf32") == 494.7e12
+    assert gpu_check.peak_flops("NVIDIA H200", "bf16", n_devices=8) == 8 * 989.4e12
+    assert gpu_check.peak_flops("cpu", "fp32") is None
+    assert gpu_check.matmul_unit("float32", "default", "gpu") == "tf32"
+    assert gpu_check.matmul_unit("float32", "highest", "gpu") == "fp32"
+    assert gpu_check.matmul_unit("bfloat16", "default", "gpu") == "bf16"

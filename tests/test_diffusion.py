@@ -10,6 +10,7 @@ from energyflow_jax import training
 from energyflow_jax.objectives import dsm
 from helpers import gaussian_data, tiny_config
 from energyflow_jax.models import Conditioning, EnergyFlowModel
+from energyflow_jax.nn import kernels
 
 MEAN, STD = 0.5, 0.2
 SCHEDULE = dsm.VESchedule(sigma_min=0.01, sigma_max=5.0)
@@ -18,6 +19,8 @@ SCHEDULE = dsm.VESchedule(sigma_min=0.01, sigma_max=5.0)
 class TimeConditioned:
     """The sampler's view of a model: the time reaches score_given only
     through the Conditioning it builds once for all steps, as in the network."""
+
+    policy = kernels.KernelPolicy()  # how the sampler picks a step's conditioning
 
     def conditioning(self, params, s, t):
         return Conditioning(state=(jnp.zeros((s.shape[0], 1)),), time=(t[:, None],))

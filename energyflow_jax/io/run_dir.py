@@ -87,7 +87,10 @@ LEGACY_RUN_SPEC_FILE = "run_spec.json"
 # data.exec_horizon: how many predicted actions evaluation executes.)
 RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "data.exec_horizon",
                      "train.num_devices", "train.distributed", "train.steps_per_chunk",
-                     "train.checkpoint_every_chunks", "train.max_checkpoints")
+                     "train.checkpoint_every_chunks", "train.max_checkpoints",
+                     "train.compilation_cache_dir",
+                     # how the same parameters are computed (nn.kernels.KernelPolicy)
+                     "model.conv_impl", "model.matmul_precision")
 
 
 class WorkdirError(ValueError):

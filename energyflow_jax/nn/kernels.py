@@ -1,12 +1,14 @@
-"""CPU-fast kernels for 1-D convolutions and small dots, all lowered to dense matmuls.
+"""The layers' kernels: 1-D convolution forms and dots, chosen by a KernelPolicy.
 
-XLA's CPU convolutions are about 10x slower than its dots here, and double
-backprop through them is worse (docs/design.md). Large float32 batches use
-Winograd minimal filtering, everything else shifted windows and one dot; both
-lower to dense dots on every backend.
+On CPU, XLA's convolutions are about 10x slower than its dots, and double
+backprop through them is worse (docs/design.md): there every convolution is a
+dense matmul, Winograd minimal filtering for large float32 batches and shifted
+windows with one dot otherwise. On GPU and TPU the backend's own convolution
+(`lax.conv_general_dilated`, cuDNN on NVIDIA) does each pass in one kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -16,6 +18,65 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+CONV_IMPLS = ("auto", "lax", "winograd", "windows")
+# model.matmul_precision -> lax.Precision of the network's dots and convolutions.
+# "default" lets the backend choose (TF32 on recent NVIDIA GPUs, bfloat16 passes
+# on TPU); normalization statistics, the sampler's step selection and the
+# spectral-norm power iteration always run at HIGHEST.
+MATMUL_PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH,
+                     "highest": jax.lax.Precision.HIGHEST}
+HIGHEST = jax.lax.Precision.HIGHEST
+# The resolved form of conv_impl="auto" on CPU: shifted windows below
+# WINOGRAD_MIN_BATCH, Winograd from there (float32 only); measured in docs/performance.md.
+CPU_MEASURED = "windows+winograd"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """How the layers compute (hashable: a flax module attribute).
+
+    conv: "lax" (the backend's convolution; strided ones as stride 1 then a
+    subsample, so no derivative is an lhs-dilated convolution), "winograd"
+    (Winograd for every stride-1 convolution, shifted windows for the rest),
+    "windows" (shifted windows and one dot), or CPU_MEASURED. Every form has
+    the same parameters and computes the same function.
+    precision: a key of MATMUL_PRECISIONS.
+    """
+
+    conv: str = CPU_MEASURED
+    precision: str = "default"
+
+    @property
+    def dot_precision(self):
+        return MATMUL_PRECISIONS[self.precision]
+
+    @property
+    def plain(self) -> bool:
+        """The accelerator forms: plain dots, gathers and broadcasts instead of the
+        CPU's matmul tricks (the batch-1 cotangent form, one-hot selection, the
+        GroupNorm spread dot)."""
+        return self.conv == "lax"
+
+
+def resolve_policy(conv_impl: str = "auto", matmul_precision: str = "default",
+                   dtype: str = "float32", backend: str | None = None) -> KernelPolicy:
+    """The KernelPolicy of model.conv_impl / model.matmul_precision on `backend`
+    (default: jax.default_backend()). "auto" is CPU_MEASURED on CPU and "lax" on
+    GPU and TPU. Unknown names, and Winograd under bfloat16 (its transforms
+    amplify bfloat16 rounding), raise ValueError."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"model.matmul_precision must be one of {tuple(MATMUL_PRECISIONS)}, "
+                         f"got {matmul_precision!r}")
+    if conv_impl == "winograd" and dtype == "bfloat16":
+        raise ValueError("model.conv_impl='winograd' cannot run with model.dtype='bfloat16': "
+                         "the Winograd transforms amplify bfloat16 rounding; use 'lax' or "
+                         "'windows' (or 'auto')")
+    if conv_impl == "auto":
+        conv_impl = CPU_MEASURED if (backend or jax.default_backend()) == "cpu" else "lax"
+    return KernelPolicy(conv_impl, matmul_precision)
+
 
 
 # Up to this many rows the dot of _small_matmul's transposed form was faster
@@ -24,8 +85,8 @@ from jax.custom_derivatives import SymbolicZero
 SMALL_MATMUL_MAX_ROWS = 64
 
 
-@jax.custom_jvp
-def _small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _small_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """x @ w (float32) for a few rows of x, whose input cotangent is fast.
 
     At batch 1 the dots have 4 to 16 rows and stream their weights from
@@ -36,28 +97,28 @@ def _small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     canonicalising it back. The primal stays the plain x @ w, so only
     forward-mode derivatives run the slower form.
     """
-    return x @ w
+    return jnp.dot(x, w, precision=precision)
 
 
 @functools.partial(_small_matmul.defjvp, symbolic_zeros=True)
-def _small_matmul_jvp(primals, tangents):
+def _small_matmul_jvp(precision, primals, tangents):
     x, w = primals
     dx, dw = tangents
-    y = x @ w
+    y = jnp.dot(x, w, precision=precision)
     terms = []
     if not isinstance(dx, SymbolicZero):
         rows = dx.reshape(-1, dx.shape[-1])
         # (dx @ w).T as a dot of w with dx.T: reverse mode transposes this
         # into w @ g.T (then .T), the fast form.
         dy_t = jax.lax.dot_general(w, jax.lax.optimization_barrier(rows.T),
-                                   (((0,), (0,)), ((), ())))
+                                   (((0,), (0,)), ((), ())), precision=precision)
         terms.append(dy_t.T.reshape(y.shape))
     if not isinstance(dw, SymbolicZero):
-        terms.append(x @ dw)
+        terms.append(jnp.dot(x, dw, precision=precision))
     return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
-def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def _matmul(x: jax.Array, w: jax.Array, dtype, policy: KernelPolicy = KernelPolicy()) -> jax.Array:
     """x @ w in the compute dtype, returning that dtype.
 
     Returning the compute dtype (not float32) matters under bfloat16: the
@@ -65,12 +126,13 @@ def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     second-order dots also run as bfloat16 matmuls (accumulated in float32 by
     the backends) instead of falling back to float32 with converts.
     A float32 dot with at most SMALL_MATMUL_MAX_ROWS rows (batch-1 sampling)
-    is _small_matmul, whose cotangent streams the weights faster.
+    is _small_matmul, whose cotangent streams the weights faster (CPU forms only).
     """
     x, w = x.astype(dtype), w.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32 and math.prod(x.shape[:-1]) <= SMALL_MATMUL_MAX_ROWS:
-        return _small_matmul(x, w)
-    return jnp.dot(x, w)
+    if (not policy.plain and jnp.dtype(dtype) == jnp.float32
+            and math.prod(x.shape[:-1]) <= SMALL_MATMUL_MAX_ROWS):
+        return _small_matmul(x, w, policy.dot_precision)
+    return jnp.dot(x, w, precision=policy.dot_precision)
 
 
 def window_matrix(length: int, kernel_size: int, stride: int = 1) -> np.ndarray:
@@ -100,10 +162,11 @@ def _shifted_windows(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
     batch, length, channels = x.shape
     m = jnp.asarray(window_matrix(length, kernel_size, stride), x.dtype)
     out_len = m.shape[0] // kernel_size
+    # HIGHEST: a 0/1 selection must copy its inputs exactly whatever the policy.
     if batch == 1:
-        windows = (m @ x[0])[None]
+        windows = jnp.dot(m, x[0], precision=HIGHEST)[None]
     else:
-        windows = jnp.einsum("wl,blc->bwc", m, x)
+        windows = jnp.einsum("wl,blc->bwc", m, x, precision=HIGHEST)
     return windows.reshape(batch, out_len, kernel_size * channels)
 
 
@@ -171,7 +234,8 @@ def _weighted_sum(coeffs: Sequence[float], terms: Sequence[jax.Array | None],
     return zero if acc is None else acc
 
 
-def _winograd_conv(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+def _winograd_conv(x: jax.Array, kernel: jax.Array, kernel_size: int,
+                   precision=None) -> jax.Array:
     """'Same'-padded stride-1 conv of (B, L, C) by a (k*C, N) kernel via Winograd.
 
     Each tile of 4 outputs reads 4 + k - 1 padded inputs (F(4, k)); sequences
@@ -209,7 +273,8 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Arr
         for row in b_t], axis=0)  # (n, B*T, C)
     taps = list(kernel.reshape(r, channels, -1))
     u = jnp.stack([_weighted_sum(row, taps, None) for row in g])  # (n, C, N), weights only
-    prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (n, B*T, N)
+    prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),
+                               precision=precision)  # (n, B*T, N)
     features = prod.shape[-1]
     # rows[alpha][t]: (B, 1, N), the alpha-th product of tile t
     rows = [jax.lax.split(p.reshape(batch, tiles, features), [1] * tiles, axis=1)
@@ -225,3 +290,42 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Arr
 # of a sampler loop.
 WINOGRAD_MIN_BATCH = 32
 
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, kernel_size: int, stride: int,
+              precision=None) -> jax.Array:
+    """'Same'-padded conv of (B, L, C) by a (k*C, N) kernel with lax.conv_general_dilated.
+
+    A stride-2 convolution is computed at stride 1 and subsampled: the input
+    cotangent of a strided convolution is an lhs-dilated (transposed)
+    convolution, which XLA on CUDA runs very slowly (jax-ml/jax#23783), and the
+    DSM loss differentiates the network twice. The subsample's transpose is a
+    pad with interior zeros instead.
+    """
+    channels = x.shape[-1]
+    pad = kernel_size // 2
+    y = jax.lax.conv_general_dilated(
+        x, kernel.reshape(kernel_size, channels, -1), window_strides=(1,),
+        padding=[(pad, kernel_size - 1 - pad)], dimension_numbers=("NWC", "WIO", "NWC"),
+        precision=precision)
+    return y[:, ::stride] if stride > 1 else y
+
+
+def conv1d(x: jax.Array, kernel: jax.Array, kernel_size: int, stride: int, dtype,
+           policy: KernelPolicy) -> jax.Array:
+    """'Same'-padded 1-D convolution (B, L, C) -> (B, ceil(L / stride), N) in the
+    form `policy.conv` names; kernel (kernel_size * C, N), taps major."""
+    batch = x.shape[0]
+    if policy.conv == "lax":
+        return _lax_conv(x.astype(dtype), kernel.astype(dtype), kernel_size, stride,
+                         policy.dot_precision)
+    winograd = stride == 1 and kernel_size > 1 and jnp.dtype(dtype) == jnp.float32 and (
+        policy.conv == "winograd"
+        or (policy.conv == CPU_MEASURED and batch >= WINOGRAD_MIN_BATCH))
+    if winograd:
+        return _winograd_conv(x, kernel, kernel_size, policy.dot_precision)
+    if kernel_size == 1 and stride == 1:
+        windows = x
+    else:
+        windows = _shifted_windows(x, kernel_size, stride)
+    return _matmul(windows, kernel, dtype, policy)

@@ -2,17 +2,13 @@
 
 Layout is channels-last: an action chunk is (batch, horizon, action_dim).
 
-1-D convolutions are lowered to dense matmuls: XLA's CPU convolution kernels
-are about 10x slower than its matmuls on our machines, and double backprop
-through them is worse (see NOTES.md). Large float32 batches use Winograd
-minimal filtering (fewer multiplies), everything else shifted windows and one
-dot; both lower to dense dots on every backend.
+How convolutions and dots are computed is the `policy` attribute
+(nn.kernels.KernelPolicy: the convolution form and the matmul precision,
+chosen per backend); every form has the same parameters.
 
 `dtype` is the compute dtype of the matmuls (parameters stay float32).
-bfloat16 is for GPUs: it keeps the direct convolution form (Winograd
-transforms would amplify its rounding), which on our CPU makes it slower than
-float32. Normalization statistics, the energy head and all reductions stay
-float32.
+bfloat16 is for GPUs: on our CPU it is slower than float32. Normalization
+statistics, the energy head and all reductions stay float32.
 """
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energyflow_jax.nn.kernels import (WINOGRAD_MIN_BATCH, _matmul, _shifted_windows,
-                                        _winograd_conv)
+from energyflow_jax.nn.kernels import HIGHEST, KernelPolicy, _matmul, conv1d
 
 
 def torch_uniform_init(fan_in: int):
@@ -80,12 +75,13 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     fan_in: int | None = None
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = torch_uniform_init(self.fan_in or x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        y = _matmul(x, kernel, self.dtype)
+        y = _matmul(x, kernel, self.dtype, self.policy)
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,)).astype(y.dtype)
         return y
@@ -104,6 +100,7 @@ class CondProjection(nn.Module):
     features: int
     fan_in: int
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, state_emb: jax.Array, time_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -111,43 +108,36 @@ class CondProjection(nn.Module):
         n_state = state_emb.shape[-1]
         kernel = self.param("kernel", init, (n_state + time_emb.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        state_term = _matmul(state_emb, kernel[:n_state], self.dtype) + bias.astype(self.dtype)
-        return state_term, _matmul(time_emb, kernel[n_state:], self.dtype)
+        state_term = (_matmul(state_emb, kernel[:n_state], self.dtype, self.policy)
+                      + bias.astype(self.dtype))
+        return state_term, _matmul(time_emb, kernel[n_state:], self.dtype, self.policy)
 
 
 
 
 class Conv1D(nn.Module):
-    """'Same'-padded 1-D convolution lowered to dense matmuls.
+    """'Same'-padded 1-D convolution in the form `policy.conv` names (nn.kernels.conv1d).
 
-    Stride 1 in float32 batches of at least WINOGRAD_MIN_BATCH: Winograd
-    minimal filtering, 2.5x fewer multiplies than the direct form at k = 5
-    (2.9x at length 4).
-    Otherwise (batch-1 sampling, strided downsampling, bfloat16, whose
-    rounding the Winograd transforms would amplify): shifted windows and one
-    dot. Same parameters and, to float32 rounding, the same function either way.
+    On CPU (the measured choice): Winograd minimal filtering for stride-1
+    float32 batches of at least WINOGRAD_MIN_BATCH (2.5x fewer multiplies than
+    the direct form at k = 5), shifted windows and one dot otherwise. The
+    kernel is stored (kernel_size * C, N), taps major, for every form.
     """
 
     features: int
     kernel_size: int
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, _, channels = x.shape
-        fan_in = self.kernel_size * channels
+        fan_in = self.kernel_size * x.shape[-1]
         init = torch_uniform_init(fan_in)
         kernel = self.param("kernel", init, (fan_in, self.features))
         bias = self.param("bias", init, (self.features,))
-        if (self.stride == 1 and self.kernel_size > 1 and batch >= WINOGRAD_MIN_BATCH
-                and jnp.dtype(self.dtype) == jnp.float32):
-            return _winograd_conv(x, kernel, self.kernel_size) + bias
-        if self.kernel_size == 1 and self.stride == 1:
-            windows = x
-        else:
-            windows = _shifted_windows(x, self.kernel_size, self.stride)
-        return _matmul(windows, kernel, self.dtype) + bias.astype(self.dtype)
+        y = conv1d(x, kernel, self.kernel_size, self.stride, self.dtype, self.policy)
+        return y + bias.astype(y.dtype)
 
 
 def _power_iteration(w: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
@@ -161,12 +151,13 @@ def _power_iteration(w: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
     """
     w = jax.lax.stop_gradient(w.astype(jnp.float32))
     v = jnp.ones((w.shape[1],), jnp.float32) / math.sqrt(w.shape[1])
+    dot = lambda a, b: jnp.dot(a, b, precision=HIGHEST)
     for _ in range(n_iter):
-        u = w @ v
+        u = dot(w, v)
         u = u / (jnp.linalg.norm(u) + 1e-12)
-        v = w.T @ u
+        v = dot(w.T, u)
         v = v / (jnp.linalg.norm(v) + 1e-12)
-    u = w @ v
+    u = dot(w, v)
     return u / (jnp.linalg.norm(u) + 1e-12), v
 
 
@@ -176,14 +167,15 @@ class SpectralDense(nn.Module):
     features: int
     use_bias: bool = True
     n_power_iter: int = 20
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = torch_uniform_init(x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         u, v = _power_iteration(kernel, self.n_power_iter)
-        sigma = u @ kernel @ v
-        y = x.astype(jnp.float32) @ (kernel / sigma)
+        sigma = jnp.dot(jnp.dot(u, kernel, precision=HIGHEST), v, precision=HIGHEST)
+        y = jnp.dot(x.astype(jnp.float32), kernel / sigma, precision=self.policy.dot_precision)
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,))
         return y
@@ -194,6 +186,7 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     dim: int = 128
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
@@ -201,8 +194,8 @@ class SinusoidalTimeEmbedding(nn.Module):
         freqs = jnp.exp(-math.log(1e4) * jnp.arange(half, dtype=jnp.float32) / half)
         angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
         h = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-        h = softplus(Dense(self.dim, dtype=self.dtype)(h))
-        return Dense(self.dim, dtype=self.dtype)(h)
+        h = softplus(Dense(self.dim, dtype=self.dtype, policy=self.policy)(h))
+        return Dense(self.dim, dtype=self.dtype, policy=self.policy)(h)
 
 
 class StateEncoder(nn.Module):
@@ -210,27 +203,29 @@ class StateEncoder(nn.Module):
 
     dim: int = 128
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, s: jax.Array) -> jax.Array:
         h = s.reshape(s.shape[0], -1)
-        h = softplus(Dense(self.dim, dtype=self.dtype)(h))
-        return softplus(Dense(self.dim, dtype=self.dtype)(h))
+        h = softplus(Dense(self.dim, dtype=self.dtype, policy=self.policy)(h))
+        return softplus(Dense(self.dim, dtype=self.dtype, policy=self.policy)(h))
 
 
 class GroupNorm(nn.Module):
-    """flax's nn.GroupNorm over (B, L, C) (same parameters, same statistics),
-    with the per-group statistics spread to channels by a dot with a constant
-    0/1 (groups, channels) matrix instead of jnp.repeat.
+    """flax's nn.GroupNorm over (B, L, C) (same parameters, same statistics).
 
-    XLA on CPU fuses a repeat (broadcast + reshape) into the elementwise
-    consumer, where its index arithmetic stops the loop vectorising: the
-    normalise -> Softplus -> FiLM fusion ran about 5x slower (0.87 against
-    0.15 ms at 256 x 4 x 256), about a tenth of the 256-chunk sampler.
+    CPU forms spread the per-group statistics to channels by a dot with a
+    constant 0/1 (groups, channels) matrix (at HIGHEST precision) instead of a
+    broadcast: XLA on CPU fuses a broadcast + reshape into the elementwise
+    consumer, where its index arithmetic stops the loop vectorising (the
+    normalise -> Softplus -> FiLM fusion ran about 5x slower, 0.87 against
+    0.15 ms at 256 x 4 x 256). The plain (accelerator) form broadcasts.
     """
 
     num_groups: int
     epsilon: float = 1e-5
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -246,9 +241,13 @@ class GroupNorm(nn.Module):
         mean = groups.mean((1, 3))
         # E[x^2] - E[x]^2, clipped at 0 against round-off, as flax's fast variance.
         var = jnp.maximum(0.0, jnp.square(groups).mean((1, 3)) - jnp.square(mean))
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        if self.policy.plain:
+            normed = (groups - mean[:, None, :, None]) * inv[:, None, :, None]
+            return normed.reshape(batch, length, channels) * scale + bias
         spread = jnp.asarray(np.kron(np.eye(self.num_groups), np.ones((1, size))), x32.dtype)
-        mean_c = (mean @ spread)[:, None, :]
-        mul = (jax.lax.rsqrt(var + self.epsilon) @ spread)[:, None, :] * scale
+        mean_c = jnp.dot(mean, spread, precision=HIGHEST)[:, None, :]
+        mul = jnp.dot(inv, spread, precision=HIGHEST)[:, None, :] * scale
         return (x32 - mean_c) * mul + bias
 
 
@@ -259,11 +258,12 @@ class ConvBlock(nn.Module):
     kernel_size: int
     n_groups: int
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Conv1D(self.features, self.kernel_size, dtype=self.dtype)(x)
-        h = GroupNorm(num_groups=self.n_groups, epsilon=1e-5)(h)
+        h = Conv1D(self.features, self.kernel_size, dtype=self.dtype, policy=self.policy)(x)
+        h = GroupNorm(num_groups=self.n_groups, epsilon=1e-5, policy=self.policy)(h)
         return softplus(h)
 
 
@@ -274,15 +274,18 @@ class FiLMResBlock(nn.Module):
     kernel_size: int
     n_groups: int
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array, film: jax.Array) -> jax.Array:
-        h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(x)
+        block = lambda: ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype,
+                                  self.policy)
+        h = block()(x)
         scale, bias = jnp.split(film.astype(h.dtype), 2, axis=-1)
         h = h * (1.0 + scale[:, None, :]) + bias[:, None, :]
-        h = ConvBlock(self.features, self.kernel_size, self.n_groups, self.dtype)(h)
+        h = block()(h)
         if x.shape[-1] != self.features:
-            x = Conv1D(self.features, 1, dtype=self.dtype)(x)
+            x = Conv1D(self.features, 1, dtype=self.dtype, policy=self.policy)(x)
         return h + x
 
 
@@ -307,6 +310,7 @@ class UNet1D(nn.Module):
     kernel_size: int = 5
     n_groups: int = 8
     dtype: jnp.dtype = jnp.float32
+    policy: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, a: jax.Array, films: Sequence[jax.Array]) -> jax.Array:
@@ -314,7 +318,8 @@ class UNet1D(nn.Module):
         if len(films) != len(widths):
             raise ValueError(f"UNet1D has {len(widths)} FiLM blocks, got {len(films)} inputs")
         films = iter(films)
-        res = lambda f: FiLMResBlock(f, self.kernel_size, self.n_groups, self.dtype)
+        res = lambda f: FiLMResBlock(f, self.kernel_size, self.n_groups, self.dtype, self.policy)
+        conv = lambda f, **kw: Conv1D(f, 3, dtype=self.dtype, policy=self.policy, **kw)
         x = a
         skips = []
         n_levels = len(self.down_dims)
@@ -323,7 +328,7 @@ class UNet1D(nn.Module):
             x = res(features)(x, next(films))
             skips.append(x)
             if level < n_levels - 1:
-                x = Conv1D(features, 3, stride=2, dtype=self.dtype)(x)
+                x = conv(features, stride=2)(x)
         mid = self.down_dims[-1]
         x = res(mid)(x, next(films))
         x = res(mid)(x, next(films))
@@ -333,7 +338,7 @@ class UNet1D(nn.Module):
             x = res(features)(x, next(films))
             x = res(features)(x, next(films))
             x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour x2
-            x = Conv1D(features, 3, dtype=self.dtype)(x)
+            x = conv(features)(x)
         return _match_length(x, a.shape[1])
 
 

@@ -75,7 +75,7 @@ def sample(model: EnergyFlowModel, params, obs: jax.Array, rng: jax.Array,
     cond = model.conditioning(params, obs, times)
 
     def step(k, a):
-        drift = 0.5 * schedule.dsigma2_dt(times[k]) * model.score_given(params, a, cond.at(k))
+        drift = 0.5 * schedule.dsigma2_dt(times[k]) * model.score_given(params, a, cond.at(k, model.policy))
         return a + dt * drift
 
     a = jax.lax.fori_loop(0, n_steps, step, a)

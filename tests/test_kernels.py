@@ -1,0 +1,174 @@
+"""The convolution forms (nn.kernels.KernelPolicy) compute one function.
+
+Every form is compared with `lax` (the backend's convolution) at HIGHEST
+matmul precision, so on any backend the forms differ only by float32
+rounding. Each comparison jits all forms and sizes together: one compile per
+batch and dtype.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from energyflow_jax import config as config_lib
+from energyflow_jax.config import base_config
+from energyflow_jax.models import EnergyFlowModel
+from energyflow_jax.nn import kernels
+from energyflow_jax.objectives import dsm
+from energyflow_jax.training import HParams
+
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / (np.max(np.abs(ref)) + 1e-30))
+
+
+def _conv_terms(policy, x, kernel, kernel_size, stride, dtype, second_order=True):
+    """A conv layer's output, its input score and a DSM-like second-order gradient."""
+    def energy(x_, k_):
+        y = kernels.conv1d(x_, k_, kernel_size, stride, dtype, policy).astype(jnp.float32)
+        return jnp.sum(jax.nn.softplus(y) * jnp.cos(jnp.arange(y.shape[1]))[:, None])
+
+    score = jax.grad(energy)
+    y = kernels.conv1d(x, kernel, kernel_size, stride, dtype, policy).astype(jnp.float32)
+    if not second_order:
+        return y, score(x, kernel)
+    return y, score(x, kernel), jax.grad(lambda k_: jnp.sum(jnp.square(score(x, k_) + x)))(kernel)
+
+
+ALL_LENGTHS = tuple(range(1, 17))
+# Winograd's second-order graph compiles slowly (about 3 s per length on 2
+# cores); these lengths cover each of its cases: one short-sequence tile
+# (1 to 4), one full tile plus a partial one (5, 7), whole tiles (8, 16), and a
+# one-output last tile (9). Its output and score are compared at every length.
+WINOGRAD_SECOND_ORDER = (1, 2, 3, 4, 5, 7, 8, 9, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,dtype,forms,lengths", [
+    (32, jnp.float32, ("windows", "winograd"), ALL_LENGTHS),
+    # the batch-1 dots (Winograd's arithmetic does not depend on the batch)
+    (1, jnp.float32, ("windows",), (1, 2, 3, 4, 5, 8, 15, 16)),
+    (32, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),  # Winograd is refused under bfloat16
+    (1, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),
+])
+def test_conv_forms_equal_lax_for_every_length_and_stride(batch, dtype, forms, lengths):
+    channels, features = 3, 4
+    cases = [(length, k, stride) for length in lengths for k, stride in ((5, 1), (3, 2))]
+    rng = np.random.default_rng(batch)
+    inputs = [(rng.normal(size=(batch, length, channels)).astype(np.float32),
+               rng.normal(size=(k * channels, features)).astype(np.float32) / k)
+              for length, k, stride in cases]
+
+    def second_order(form, length):
+        return form != "winograd" or length in WINOGRAD_SECOND_ORDER
+
+    @jax.jit
+    def all_terms(inputs):  # one compile for every form and size
+        return {form: [_conv_terms(kernels.KernelPolicy(form, "highest"), x, w, k, s, dtype,
+                                   second_order(form, length))
+                       for (x, w), (length, k, s) in zip(inputs, cases)]
+                for form in ("lax",) + forms}
+
+    out = jax.device_get(all_terms(inputs))
+    tol = 3e-2 if dtype == jnp.bfloat16 else 2e-5
+    for i, (length, k, stride) in enumerate(cases):
+        ref = out["lax"][i]
+        chex.assert_shape(ref[0], (batch, -(-length // stride), features))
+        for form in forms:
+            got = out[form][i]
+            assert len(got) == (3 if second_order(form, length) else 2)
+            for name, g, r in zip(("output", "score", "dsm gradient"), got, ref):
+                assert np.all(np.isfinite(g)), (form, length, stride, name)
+                assert _rel(g, r) < tol, (form, length, stride, name, _rel(g, r))
+
+
+def _model_config(conv_impl, dtype="float32", precision="highest"):
+    c = base_config().model
+    c.update(down_dims=(8, 16), n_groups=4, head_dims=(8,), state_emb_dim=8, time_emb_dim=8,
+             conv_impl=conv_impl, matmul_precision=precision, dtype=dtype)
+    return c
+
+
+# Batch 1 takes the batch-1 dots (the sampler's case); batch 8 Winograd (forced:
+# "auto" on CPU switches to it from batch 32, the same arithmetic).
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,forms", [(1, ("windows",)), (8, ("winograd",))])
+def test_model_forms_equal_lax_for_energy_dsm_gradient_and_sampler(batch, forms):
+    models = {form: EnergyFlowModel.create(_model_config(form), (2, 3), (5, 2))
+              for form in ("lax",) + forms}
+    params = models["lax"].init(jax.random.PRNGKey(0))  # one set of arrays for every form
+    hp = HParams.from_config(base_config())
+    rng = jax.random.PRNGKey(1)
+    a = jax.random.normal(rng, (batch, 5, 2))
+    s = jax.random.normal(jax.random.PRNGKey(2), (batch, 2, 3))
+    t = jax.random.uniform(jax.random.PRNGKey(3), (batch,))
+    batch_ = {"obs": s, "actions": a}
+
+    @jax.jit
+    def terms(params):
+        out = {}
+        for form, m in models.items():
+            # the DSM loss's gradient holds the score's (second order)
+            out[form] = (m.energy(params, a, s, t),
+                         jax.value_and_grad(
+                             lambda p: dsm.dsm_loss(m, p, batch_, rng, hp.schedule))(params),
+                         dsm.sample(m, params, s, rng, hp.schedule, 2, 1e-3))
+        return out
+
+    out = jax.device_get(terms(params))
+    chex.assert_shape(out["lax"][2], (batch, 5, 2))
+    for form in forms:
+        for name, g, r in zip(("energy", "dsm loss and gradient", "sampler"), out[form],
+                              out["lax"]):
+            err = max(_rel(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(r)))
+            assert err < 5e-5, (form, name, err)
+
+
+def _primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _primitives(sub)
+
+
+def test_gpu_form_dsm_gradient_has_no_lhs_dilated_convolution():
+    gpu_model = EnergyFlowModel.create(_model_config("auto"), (2, 3), (16, 2), backend="gpu")
+    assert gpu_model.policy.conv == "lax"
+    params = gpu_model.init(jax.random.PRNGKey(0))
+    hp = HParams.from_config(base_config())
+    batch = {"obs": jnp.ones((4, 2, 3)), "actions": jnp.ones((4, 16, 2))}
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda p: dsm.dsm_loss(gpu_model, p, batch, jax.random.PRNGKey(0), hp.schedule)))(params)
+    convs = [e for e in _primitives(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+    # forward, score and second-order passes of every convolution, strided ones included
+    assert len(convs) >= 3 * 17
+    assert all(tuple(e.params["lhs_dilation"]) == (1,) for e in convs)
+    assert all(tuple(e.params["window_strides"]) == (1,) for e in convs)
+
+
+@pytest.mark.parametrize("backend,conv", [("cpu", kernels.CPU_MEASURED), ("gpu", "lax"),
+                                          ("tpu", "lax")])
+def test_auto_resolves_once_by_backend(monkeypatch, backend, conv):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    model = EnergyFlowModel.create(_model_config("auto"), (2, 3), (4, 2))
+    assert model.policy == kernels.KernelPolicy(conv, "highest")
+    assert model.policy.plain == (backend != "cpu")
+
+
+def test_bad_kernel_settings_name_the_valid_ones():
+    with pytest.raises(ValueError, match="'auto', 'lax', 'winograd', 'windows'"):
+        EnergyFlowModel.create(_model_config("cudnn"), (2, 3), (4, 2))
+    with pytest.raises(ValueError, match="'default', 'high', 'highest'"):
+        EnergyFlowModel.create(_model_config("lax", precision="tf32"), (2, 3), (4, 2))
+    with pytest.raises(ValueError, match="amplify bfloat16 rounding"):
+        EnergyFlowModel.create(_model_config("winograd", dtype="bfloat16"), (2, 3), (4, 2))
+    c = base_config()
+    c.model.conv_impl, c.model.dtype = "winograd", "bfloat16"
+    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='winograd'"):
+        config_lib.validate(c)
+    c.model.conv_impl = "fft"
+    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='fft'"):
+        config_lib.validate(c)
