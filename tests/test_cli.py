@@ -40,12 +40,16 @@ def test_run_report_resume_and_sigkill(tmp_path):
     assert report["config"]["optim"]["total_steps"] == 60
     assert report["wall_time_s"] > 0 and report["n_skipped_updates"] == 0
     assert set(report["toy_ranking"]) >= {"spearman_mean", "t=0.001"}
+    assert report["kernels"] == {"conv_impl": "windows+winograd", "matmul_precision": "default",
+                                 "backend": "cpu"}
     assert _metric_steps(full) == [10, 20, 30, 40, 50, 60]
     assert os.path.exists(full / "toy_landscape.png")
 
-    # Re-running the finished command resumes at the end: same parameters.
-    again = _run(full)
+    # Re-running the finished command resumes at the end: same parameters. The
+    # convolution form may change on resume (the same parameters), and is reported.
+    again = _run(full, "--config.model.conv_impl=lax")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert _report(full)["kernels"]["conv_impl"] == "lax"
     assert _report(full)["resumed_from_step"] == 60
     assert _report(full)["ema_params_sha256"] == report["ema_params_sha256"]
     assert _report(full)["final_metrics"] == report["final_metrics"]

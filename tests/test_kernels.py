@@ -41,9 +41,9 @@ def _conv_terms(policy, x, kernel, kernel_size, stride, dtype, second_order=True
 ALL_LENGTHS = tuple(range(1, 17))
 # Winograd's second-order graph compiles slowly (about 3 s per length on 2
 # cores); these lengths cover each of its cases: one short-sequence tile
-# (1 to 4), one full tile plus a partial one (5, 7), whole tiles (8, 16), and a
+# (1, 4), one full tile plus a partial one (5, 7), whole tiles (8), and a
 # one-output last tile (9). Its output and score are compared at every length.
-WINOGRAD_SECOND_ORDER = (1, 2, 3, 4, 5, 7, 8, 9, 16)
+WINOGRAD_SECOND_ORDER = (1, 4, 5, 7, 8, 9)
 
 
 @pytest.mark.slow
@@ -92,39 +92,35 @@ def _model_config(conv_impl, dtype="float32", precision="highest"):
     return c
 
 
-# Batch 1 takes the batch-1 dots (the sampler's case); batch 8 Winograd (forced:
-# "auto" on CPU switches to it from batch 32, the same arithmetic).
 @pytest.mark.slow
-@pytest.mark.parametrize("batch,forms", [(1, ("windows",)), (8, ("winograd",))])
-def test_model_forms_equal_lax_for_energy_dsm_gradient_and_sampler(batch, forms):
+def test_model_forms_equal_lax_for_energy_score_and_sampler():
+    """The whole network at batch 1, the sampler's case: GroupNorm, the step
+    selection and the batch-1 dots take other paths in the lax form than in the
+    CPU forms (Winograd here, forced: auto uses it from batch 32, the same
+    arithmetic; the windows form is compared per convolution above, as are
+    second-order gradients, which through the whole U-Net compile for minutes on
+    2 cores)."""
+    forms = ("winograd",)
     models = {form: EnergyFlowModel.create(_model_config(form), (2, 3), (5, 2))
               for form in ("lax",) + forms}
     params = models["lax"].init(jax.random.PRNGKey(0))  # one set of arrays for every form
     hp = HParams.from_config(base_config())
     rng = jax.random.PRNGKey(1)
-    a = jax.random.normal(rng, (batch, 5, 2))
-    s = jax.random.normal(jax.random.PRNGKey(2), (batch, 2, 3))
-    t = jax.random.uniform(jax.random.PRNGKey(3), (batch,))
-    batch_ = {"obs": s, "actions": a}
+    a = jax.random.normal(rng, (1, 5, 2))
+    s = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 3))
+    t = jax.random.uniform(jax.random.PRNGKey(3), (1,))
 
     @jax.jit
     def terms(params):
-        out = {}
-        for form, m in models.items():
-            # the DSM loss's gradient holds the score's (second order)
-            out[form] = (m.energy(params, a, s, t),
-                         jax.value_and_grad(
-                             lambda p: dsm.dsm_loss(m, p, batch_, rng, hp.schedule))(params),
-                         dsm.sample(m, params, s, rng, hp.schedule, 2, 1e-3))
-        return out
+        return {form: (m.energy(params, a, s, t), m.score(params, a, s, t),
+                       dsm.sample(m, params, s, rng, hp.schedule, 2, 1e-3))
+                for form, m in models.items()}
 
     out = jax.device_get(terms(params))
-    chex.assert_shape(out["lax"][2], (batch, 5, 2))
+    chex.assert_shape(out["lax"][2], (1, 5, 2))
     for form in forms:
-        for name, g, r in zip(("energy", "dsm loss and gradient", "sampler"), out[form],
-                              out["lax"]):
-            err = max(_rel(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(r)))
-            assert err < 5e-5, (form, name, err)
+        for name, g, r in zip(("energy", "score", "sampler"), out[form], out["lax"]):
+            assert _rel(g, r) < 5e-5, (form, name, _rel(g, r))
 
 
 def _primitives(jaxpr):

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -116,3 +119,16 @@ def test_fit_reruns_a_finished_run_and_refuses_other_settings(tmp_path):
         fit(config(**{"optim.learning_rate": 3e-3}), workdir, model, data)
     with pytest.raises(ValueError, match="the training data"):
         fit(config(), workdir, model, gaussian_data(64, seed=1))
+
+
+def test_compilation_cache_dir_keeps_compiled_programs(tmp_path):
+    """train.compilation_cache_dir: a compiled program lands in the named folder,
+    which wins over a cache dir set in the environment (the suite sets one)."""
+    cache = tmp_path / "xla_cache"
+    code = ("import sys, jax, jax.numpy as jnp\n"
+            "from energyflow_jax.training.loop import use_compilation_cache\n"
+            "use_compilation_cache(sys.argv[1])\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((64, 64))).block_until_ready()\n")
+    subprocess.run([sys.executable, "-c", code, str(cache)], check=True, timeout=120)
+    assert cache.is_dir() and any(cache.iterdir())

@@ -57,6 +57,20 @@ class MemberRun(NamedTuple):
     seed: int
 
 
+def use_compilation_cache(path: str) -> None:
+    """Keep compiled programs in `path` (train.compilation_cache_dir; "" does
+    nothing), so a re-run, resume or another seed of the same shapes loads them
+    instead of compiling. Process-wide, like JAX's cache itself."""
+    if not path:
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax.experimental.compilation_cache import compilation_cache
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # the next compile opens the cache at path
+
+
 def _init_state(config, model, members, mesh):
     # Jitted (op by op is several times slower); members are created one at a time
     # with the single-run program: vmapping the init compiles several times slower.
@@ -66,7 +80,8 @@ def _init_state(config, model, members, mesh):
         return training.replicate(state, mesh)
     states = [create(training.HParams.from_config(m.config), jax.random.PRNGKey(m.seed))
               for m in members]
-    return jax.device_put(training.stack(states), NamedSharding(mesh, P("member")))
+    # Unpadded (checkpoints hold the real members only), so replicated until padded.
+    return training.replicate(training.stack(states), mesh)
 
 
 def _optim_key(config) -> str:
@@ -89,12 +104,13 @@ def _chunk_program(model, optim_key: str, batch_size: int, n_steps: int, mesh, m
     return make(model, tx, batch_size, n_steps, mesh, loss_fn)
 
 
-def _host(metrics) -> dict:
-    """Chunk metrics on the host: floats for one run, lists (one per member) for several."""
+def _host(metrics, n_members: int | None = None) -> dict:
+    """Chunk metrics on the host: floats for one run, lists (one per member, padding
+    dropped) for several."""
     out = {}
     for k, v in jax.device_get(metrics).items():
         v = np.asarray(v)
-        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v]
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v[:n_members]]
     return out
 
 
@@ -117,8 +133,13 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
     `member_devices` devices (0: all), one vmapped program; metrics are then
     per-member lists. loss_fn: the objective (DSM by default).
     on_chunk(step) runs after each chunk and its checkpoint.
+
+    A chunk's metrics are fetched after the next chunk is dispatched, so the
+    host's logging overlaps the device's work; chunks that end in a checkpoint
+    (whose state the next chunk would donate) or an on_chunk call are waited for.
     """
     validate_data(data)
+    use_compilation_cache(config.train.get("compilation_cache_dir", ""))
     if members is not None and make_policy is not None:
         raise ValueError("fit saves a Policy for single runs only, not for stacked members")
     data_sha256 = run_dir.tree_fingerprint(data)
@@ -140,6 +161,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         state, start_step = run_dir.restore_verified(
             workdir, state, spec,
             may_change=run_dir.RESUME_MAY_CHANGE + (("sweep",) if members else ()))
+        if members is None:
+            real = lambda st: st
+        else:  # padded to whole members per device; checkpoints and results drop the copies
+            real = lambda st: jax.tree.map(lambda x: x[:len(members)], st)
+            state = jax.device_put(training.pad_members(state, mesh),
+                                   NamedSharding(mesh, P("member")))
         # Opened after the restore, which may have set bad checkpoints aside.
         manager = run_dir.checkpoint_manager(workdir, config.train.max_checkpoints)
         cleanup.callback(manager.close)
@@ -169,39 +196,59 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
         if finished and members is None:
             _check_report_fingerprint(workdir, state)
         step = start_step
+        n_real = None if members is None else len(members)
+        t_last = time.perf_counter()
+
+        def log(chunk_step: int, n: int, chunk_metrics) -> dict:
+            """Fetch one chunk's metrics (waiting for it) and record them."""
+            nonlocal t_last
+            metrics = _host(chunk_metrics, n_real)
+            now = time.perf_counter()
+            metrics["steps_per_s"] = n / (now - t_last)  # between completions
+            t_last = now
+            loss = np.asarray(metrics["loss"])
+            if not np.all(np.isfinite(loss)):
+                # Non-finite steps are skipped by the optimizer; a non-finite mean
+                # loss over a whole chunk still deserves a loud warning.
+                tqdm.write(f"warning: non-finite mean loss in the chunk ending at step "
+                           f"{chunk_step}")
+            writer.write(chunk_step, metrics)
+            bar.update(n)
+            bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", sps=f"{metrics['steps_per_s']:.2f}")
+            status.update(chunks_trained=status["chunks_trained"] + 1, step=chunk_step)
+            if run_dir.is_main_process():
+                run_dir.write_json(status_path, status)
+            return metrics
+
+        pending = None  # (step, n, metrics) of a dispatched chunk not yet logged
         for chunk_index in range(n_chunks if finished else start_step // per_chunk, n_chunks):
             n = min(per_chunk, total - step)
             if n not in chunk_fns:  # the last chunk may be shorter: a second program
                 chunk_fns[n] = _chunk_program(model, _optim_key(config), config.train.batch_size,
                                               n, mesh, members is not None, loss_fn)
-            t0 = time.perf_counter()
-            state, chunk_metrics = chunk_fns[n](state, data)
-            metrics = _host(chunk_metrics)
+            state, chunk_metrics = chunk_fns[n](state, data)  # dispatched, runs on
+            if pending is not None:  # the previous chunk's metrics, fetched while this one runs
+                metrics = log(*pending)
             step += n
-            metrics["steps_per_s"] = n / (time.perf_counter() - t0)
-            loss = np.asarray(metrics["loss"])
-            if not np.all(np.isfinite(loss)):
-                # Non-finite steps are skipped by the optimizer; a non-finite mean
-                # loss over a whole chunk still deserves a loud warning.
-                tqdm.write(f"warning: non-finite mean loss in the chunk ending at step {step}")
-            writer.write(step, metrics)
-            bar.update(n)
-            bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", sps=f"{metrics['steps_per_s']:.2f}")
+            pending = (step, n, chunk_metrics)
             last = chunk_index == n_chunks - 1
-            if last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0:
+            checkpoint = last or (chunk_index + 1) % config.train.checkpoint_every_chunks == 0
+            killed = kill_after and chunk_index + 1 == kill_after
+            if not (checkpoint or killed or on_chunk is not None):
+                continue  # the next dispatch donates this state: only unsaved chunks overlap
+            metrics, pending = log(*pending), None
+            if checkpoint:
                 extra = make_policy(state.ema_params).checkpoint_args() if make_policy else None
-                run_dir.save_checkpoint(manager, step, state, spec, extra)
+                run_dir.save_checkpoint(manager, step, real(state), spec, extra)
                 if members is not None:
                     manager.wait_until_finished()
-            status.update(chunks_trained=status["chunks_trained"] + 1, step=step)
-            if run_dir.is_main_process():
-                run_dir.write_json(status_path, status)
             if on_chunk is not None:
                 on_chunk(step)
-            if kill_after and chunk_index + 1 == kill_after:
+            if killed:
                 manager.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
         manager.wait_until_finished()
+    state = real(state)
     steps = np.asarray(jax.device_get(state.step))
     skipped = np.asarray(jax.device_get(state.n_skipped))
     info = {"final_metrics": metrics, "resumed_from_step": start_step,
@@ -209,7 +256,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
             "n_skipped_updates": int(skipped) if skipped.ndim == 0 else skipped.tolist(),
             "n_params": int(sum(x.size for x in jax.tree.leaves(state.params))
                             // (1 if members is None else len(members))),
-            "devices": [str(d) for d in mesh.devices.flat]}
+            "devices": [str(d) for d in mesh.devices.flat],
+            # how this process computed (may differ from the run's earlier invocations)
+            "kernels": {"conv_impl": model.policy.conv,
+                        "matmul_precision": model.policy.precision,
+                        "backend": jax.default_backend()}}
     return state, info
 
 

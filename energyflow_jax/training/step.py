@@ -105,12 +105,22 @@ def make_train_chunk(model: EnergyFlowModel, tx: optax.GradientTransformation,
 
 
 def member_mesh(n_members: int, requested: int = 0) -> Mesh:
-    """A 1-D 'member' mesh over the largest device count (<= requested, 0 = all)
-    that divides the members, so every device holds whole members."""
+    """A 1-D 'member' mesh over min(requested (0 = all local devices), n_members)
+    devices. The member axis is padded to a multiple of its size (pad_members)."""
     devices = jax.local_devices()
-    limit = min(requested or len(devices), len(devices))
-    k = max(d for d in range(1, limit + 1) if n_members % d == 0)
+    k = max(1, min(requested or len(devices), len(devices), n_members))
     return Mesh(np.asarray(devices[:k]), ("member",))
+
+
+def pad_members(tree, mesh: Mesh):
+    """Stacked members padded, with copies of the last one, to a multiple of the
+    member mesh's size, so every device holds as many members as the others
+    (the copies are dropped with tree[:n] afterwards)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    extra = -n % mesh.devices.size
+    if not extra:
+        return tree
+    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]), tree)
 
 
 def make_member_chunk(model: EnergyFlowModel, tx: optax.GradientTransformation,
