@@ -30,7 +30,6 @@ def test_missing_reference_is_reported_with_its_path(tmp_path):
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     """The accelerator check's code path on CPU in its smoke mode, so it cannot rot
     between the sessions that have a GPU."""
-    from energyflow_jax import gpu_check
     records = bench.main(["--gpu-check", "--smoke", "--out", str(tmp_path)])
     lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(records))  # every record printed is written
