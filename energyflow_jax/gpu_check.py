@@ -360,8 +360,6 @@ def med_of(runs, side, key):
     return round(float(np.median([r[side][key] for r in runs])), 3)
 
 
-
-
 def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
         budget_s: float = 480.0) -> list[dict]:
     """Run the stages, most important first, skipping those that start after
@@ -394,7 +392,11 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
     emit("env", stage_env)
     auto = kernels.resolve_policy("auto").conv
     b0 = sizes.batches[0]
-    flops = {b: direct_form_flops(sizes, b) for b in sizes.batches}
+    flops = {}
+    for b in sizes.batches:
+        rec = emit("flops", lambda b=b: {"batch": b, "direct_flops_per_step":
+                                         direct_form_flops(sizes, b)})
+        flops[b] = rec.get("direct_flops_per_step", 0.0)  # 0: no TFLOP/s figures
     train, sample, sweep = {}, {}, {}
     # The form "auto" picks here first, then the PyTorch reference beside it.
     first = "lax" if auto == "lax" or "winograd" not in sizes.forms else "winograd"

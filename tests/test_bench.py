@@ -34,7 +34,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(records))  # every record printed is written
     stages = [r["stage"] for r in records]
-    assert {"env", "train", "sample", "torch_ref", "sweep", "parity", "summary"} <= set(stages)
+    assert {"env", "flops", "train", "sample", "torch_ref", "sweep", "parity", "summary"} <= set(stages)
     assert not [r for r in records if "error" in r]
     parity = next(r for r in records if r["stage"] == "parity")["rel_err"]
     assert set(parity) == {"lax/highest", "windows/highest"}

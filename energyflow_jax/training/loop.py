@@ -247,6 +247,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: EnergyFlowModel,
             if killed:
                 manager.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
+            t_last = time.perf_counter()  # the next chunk's rate leaves the save out
         manager.wait_until_finished()
     state = real(state)
     steps = np.asarray(jax.device_get(state.step))
