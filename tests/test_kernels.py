@@ -41,15 +41,16 @@ def _conv_terms(policy, x, kernel, kernel_size, stride, dtype, second_order=True
 ALL_LENGTHS = tuple(range(1, 17))
 # Winograd's second-order graph compiles slowly (about 3 s per length on 2
 # cores); these lengths cover each of its cases: one short-sequence tile
-# (1, 4), one full tile plus a partial one (5, 7), whole tiles (8), and a
-# one-output last tile (9). Its output and score are compared at every length.
-WINOGRAD_SECOND_ORDER = (1, 4, 5, 7, 8, 9)
+# (3, 4), one full tile plus a partial one (6), and a one-output last tile (9).
+# Its output and score are compared at every length.
+WINOGRAD_SECOND_ORDER = (3, 4, 6, 9)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,dtype,forms,lengths", [
-    (32, jnp.float32, ("windows", "winograd"), ALL_LENGTHS),
-    # the batch-1 dots (Winograd's arithmetic does not depend on the batch)
+    (32, jnp.float32, ("winograd",), ALL_LENGTHS),
+    # the windows form and its batch-1 dots (Winograd's arithmetic does not depend
+    # on the batch)
     (1, jnp.float32, ("windows",), (1, 2, 3, 4, 5, 8, 15, 16)),
     (32, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),  # Winograd is refused under bfloat16
     (1, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),
@@ -101,12 +102,12 @@ def test_model_forms_equal_lax_for_energy_score_and_sampler():
     second-order gradients, which through the whole U-Net compile for minutes on
     2 cores)."""
     forms = ("winograd",)
-    models = {form: EnergyFlowModel.create(_model_config(form), (2, 3), (5, 2))
+    models = {form: EnergyFlowModel.create(_model_config(form), (2, 3), (3, 2))
               for form in ("lax",) + forms}
     params = models["lax"].init(jax.random.PRNGKey(0))  # one set of arrays for every form
     hp = HParams.from_config(base_config())
     rng = jax.random.PRNGKey(1)
-    a = jax.random.normal(rng, (1, 5, 2))
+    a = jax.random.normal(rng, (1, 3, 2))
     s = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 3))
     t = jax.random.uniform(jax.random.PRNGKey(3), (1,))
 
@@ -117,7 +118,7 @@ def test_model_forms_equal_lax_for_energy_score_and_sampler():
                 for form, m in models.items()}
 
     out = jax.device_get(terms(params))
-    chex.assert_shape(out["lax"][2], (1, 5, 2))
+    chex.assert_shape(out["lax"][2], (1, 3, 2))
     for form in forms:
         for name, g, r in zip(("energy", "score", "sampler"), out[form], out["lax"]):
             assert _rel(g, r) < 5e-5, (form, name, _rel(g, r))
