@@ -58,3 +58,7 @@ def test_peaks_by_device_kind_unit_and_count():
     assert gpu_check.matmul_unit("float32", "default", "gpu") == "tf32"
     assert gpu_check.matmul_unit("float32", "highest", "gpu") == "fp32"
     assert gpu_check.matmul_unit("bfloat16", "default", "gpu") == "bf16"
+    result = {"dtype": "float32", "backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3",
+              "devices": 2, "train_achieved_tflops": 98.94}
+    assert abs(bench.peak_fraction(result) - 0.1) < 1e-9  # TF32 peak of two H100s
+    assert bench.peak_fraction({**result, "backend": "cpu", "device_kind": "cpu"}) is None
