@@ -216,9 +216,14 @@ def main(argv=None) -> dict:
                "targets": TARGETS, "repeats": args.repeats, "ref_skipped": ref_skipped}
     refs = [run["ref_torch"] for run in runs if run["ref_torch"] is not None]
     results["ref_torch"] = median_result(refs) if refs else None
-    for r in results["ours"]:
+    for i, r in enumerate(results["ours"]):
         if results["ref_torch"] is not None:
-            r["vs_ref"] = ratios(r, results["ref_torch"])
+            r["vs_ref"] = ratios(r, results["ref_torch"])  # ratios of the medians
+            # Paired: each repeat's ours and reference ran back to back.
+            per_repeat = [run["ours"][i]["vs_ref"] for run in runs if "vs_ref" in run["ours"][i]]
+            r["vs_ref_median_of_ratios"] = {
+                k: round(float(np.median([p[k] for p in per_repeat])), 3)
+                for k in ("train_speedup", "sample_b1_latency_ratio", "sample_b256_speedup")}
         frac = peak_fraction(r)
         if frac is not None:
             r["train_peak_flops_fraction"] = round(frac, 4)
