@@ -262,29 +262,26 @@ def stage_sample(sizes: Sizes, conv_impl: str, n_calls: int = 50) -> dict:
     return _sampler_setup(sizes, conv_impl)[1](n_calls)
 
 
-def stage_sweep(sizes: Sizes, n_members: int, batch: int) -> dict:
+def stage_sweep(sizes: Sizes, n_members: int, batch: int, conv_impl: str) -> dict:
     """Aggregate steps/s of n_members vmapped in one program against one member alone
     (the single-run program), interleaved repeats."""
     config = base_config()
-    model = EnergyFlowModel.create(_model_config(sizes, "auto"), sizes.obs_shape,
-                                   sizes.action_shape)
+    # One member is the train stage's program (same form and batch): compiled once.
+    model, one_chunk, one, data = _train_setup(sizes, conv_impl, batch)
     tx = training.make_optimizer(config.optim)
-    data = _data(sizes)
     lrs = np.geomspace(1e-4, 1e-3, n_members)
     hp = lambda i: training.HParams.from_config(config).replace(learning_rate=jnp.float32(lrs[i]))
     vm_chunk = training.make_member_chunk(model, tx, batch, sizes.n_steps,
                                           training.member_mesh(n_members, 1))
-    one_chunk = training.make_train_chunk(model, tx, batch, sizes.n_steps, training.make_mesh(1))
     holder = {"vm": training.stack([_create_state(model, tx, hp(i), jax.random.PRNGKey(i))
-                                    for i in range(n_members)]),
-              "one": _create_state(model, tx, hp(0), jax.random.PRNGKey(0))}
+                                    for i in range(n_members)])}
 
     def vm_call():
         holder["vm"], m = vm_chunk(holder["vm"], data)
         return m
 
     def one_call():
-        holder["one"], m = one_chunk(holder["one"], data)
+        one["state"], m = one_chunk(one["state"], data)
         return m
 
     t0 = time.perf_counter()
@@ -425,7 +422,7 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
             s = measure_sampler(20)
             return {"steps_per_s": sps, "ms_b1": s["ms_b1_median"], "ms_b256": s["ms_bn_median"]}
         ref = emit("torch_ref", stage_torch_ref, ref_path, measure_ours, sizes.repeats)
-    sweep_rec = emit("sweep", stage_sweep, sizes, sizes.members[0], b0)
+    sweep_rec = emit("sweep", stage_sweep, sizes, sizes.members[0], b0, first)
     sweep[sizes.members[0]] = sweep_rec
     # The smoke run times one form (its parity stage still compares two).
     for form in order[1:] if not smoke else ():
@@ -439,7 +436,7 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
         for form in order:
             train[(form, batch)] = emit("train", stage_train, sizes, form, batch, flops[batch])
     for n in sizes.members[1:]:
-        sweep[n] = emit("sweep", stage_sweep, sizes, n, b0)
+        sweep[n] = emit("sweep", stage_sweep, sizes, n, b0, first)
     if not smoke:
         emit("train", stage_train, sizes, "lax", b0, flops[b0], "bfloat16")
 

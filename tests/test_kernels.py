@@ -13,8 +13,8 @@ import pytest
 
 from energyflow_jax import config as config_lib
 from energyflow_jax.config import base_config
-from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.nn import kernels
+from energyflow_jax.models import Conditioning, EnergyFlowModel
+from energyflow_jax.nn import kernels, layers
 from energyflow_jax.objectives import dsm
 from energyflow_jax.training import HParams
 
@@ -41,9 +41,10 @@ def _conv_terms(policy, x, kernel, kernel_size, stride, dtype, second_order=True
 ALL_LENGTHS = tuple(range(1, 17))
 # Winograd's second-order graph compiles slowly (about 3 s per length on 2
 # cores); these lengths cover each of its cases: one short-sequence tile
-# (3, 4), one full tile plus a partial one (6), and a one-output last tile (9).
+# (3, 4), one full tile plus a partial one (6), whole tiles (8) and a
+# one-output last tile (9).
 # Its output and score are compared at every length.
-WINOGRAD_SECOND_ORDER = (3, 4, 6, 9)
+WINOGRAD_SECOND_ORDER = (3, 4, 6, 8, 9)
 
 
 @pytest.mark.slow
@@ -51,9 +52,8 @@ WINOGRAD_SECOND_ORDER = (3, 4, 6, 9)
     (32, jnp.float32, ("winograd",), ALL_LENGTHS),
     # the windows form and its batch-1 dots (Winograd's arithmetic does not depend
     # on the batch)
-    (1, jnp.float32, ("windows",), (1, 2, 3, 4, 5, 8, 15, 16)),
+    (1, jnp.float32, ("windows",), ALL_LENGTHS),
     (32, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),  # Winograd is refused under bfloat16
-    (1, jnp.bfloat16, ("windows",), (1, 2, 5, 8, 16)),
 ])
 def test_conv_forms_equal_lax_for_every_length_and_stride(batch, dtype, forms, lengths):
     channels, features = 3, 4
@@ -93,35 +93,44 @@ def _model_config(conv_impl, dtype="float32", precision="highest"):
     return c
 
 
-@pytest.mark.slow
-def test_model_forms_equal_lax_for_energy_score_and_sampler():
-    """The whole network at batch 1, the sampler's case: GroupNorm, the step
-    selection and the batch-1 dots take other paths in the lax form than in the
-    CPU forms (Winograd here, forced: auto uses it from batch 32, the same
-    arithmetic; the windows form is compared per convolution above, as are
-    second-order gradients, which through the whole U-Net compile for minutes on
-    2 cores)."""
-    forms = ("winograd",)
-    models = {form: EnergyFlowModel.create(_model_config(form), (2, 3), (3, 2))
-              for form in ("lax",) + forms}
+def test_model_forms_equal_lax_for_energy_and_score():
+    """The whole U-Net at batch 1, the sampler's case: GroupNorm and the batch-1
+    dots take other paths in the lax form than in the CPU forms (Winograd here,
+    forced: auto uses it from batch 32, the same arithmetic; the windows form is
+    compared per convolution above, as are second-order gradients, which through
+    the whole U-Net compile for minutes on 2 cores)."""
+    config = {form: _model_config(form) for form in ("lax", "winograd")}
+    for c in config.values():
+        c.down_dims = (8,)  # one level: strided and upsampling convs are compared above
+    models = {form: EnergyFlowModel.create(c, (2, 3), (3, 2)) for form, c in config.items()}
     params = models["lax"].init(jax.random.PRNGKey(0))  # one set of arrays for every form
-    hp = HParams.from_config(base_config())
-    rng = jax.random.PRNGKey(1)
-    a = jax.random.normal(rng, (1, 3, 2))
+    a = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 2))
     s = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 3))
     t = jax.random.uniform(jax.random.PRNGKey(3), (1,))
+    out = jax.device_get(jax.jit(lambda p: {
+        form: (m.energy(p, a, s, t), m.score(p, a, s, t)) for form, m in models.items()})(params))
+    chex.assert_shape(out["lax"][1], (1, 3, 2))
+    for name, g, r in zip(("energy", "score"), out["winograd"], out["lax"]):
+        assert _rel(g, r) < 5e-5, (name, _rel(g, r))
 
-    @jax.jit
-    def terms(params):
-        return {form: (m.energy(params, a, s, t), m.score(params, a, s, t),
-                       dsm.sample(m, params, s, rng, hp.schedule, 2, 1e-3))
-                for form, m in models.items()}
 
-    out = jax.device_get(terms(params))
-    chex.assert_shape(out["lax"][2], (1, 3, 2))
-    for form in forms:
-        for name, g, r in zip(("energy", "score", "sampler"), out[form], out["lax"]):
-            assert _rel(g, r) < 5e-5, (form, name, _rel(g, r))
+def test_step_selection_and_group_norm_forms_agree():
+    """The sampler's step selection (one-hot dot on CPU, a gather in the lax form)
+    and GroupNorm's statistics (spread dot vs broadcast) are exact in both forms."""
+    rng = np.random.default_rng(0)
+    cond = Conditioning(state=(jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),),
+                        time=(jnp.asarray(rng.normal(size=(20, 6)), jnp.float32),))
+    for k in (0, 7, 19):
+        one_hot = cond.at(jnp.int32(k), kernels.KernelPolicy(kernels.CPU_MEASURED, "default"))
+        gather = cond.at(jnp.int32(k), kernels.KernelPolicy("lax", "default"))
+        np.testing.assert_array_equal(one_hot[0], gather[0])
+        np.testing.assert_array_equal(gather[0], cond.state[0] + cond.time[0][k])
+    x = jnp.asarray(rng.normal(size=(3, 5, 8)) * 3 + 1, jnp.float32)
+    spread, broadcast = (layers.GroupNorm(4, policy=kernels.KernelPolicy(conv))
+                         for conv in (kernels.CPU_MEASURED, "lax"))
+    params = spread.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(spread.apply(params, x), broadcast.apply(params, x),
+                               rtol=1e-6, atol=1e-6)
 
 
 def _primitives(jaxpr):

@@ -122,28 +122,6 @@ def test_bad_inputs_and_configs_give_clear_errors():
         c.optim.lerning_rate = 1.0
 
 
-def test_conv1d_paths_match_a_direct_convolution():
-    """Both lowerings (windows + dot; Winograd F(4, k)) equal lax's convolution,
-    and so does the batch-1 form of the windows."""
-    small = layers.Conv1D(6, kernel_size=5)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
-    params = small.init(jax.random.PRNGKey(1), x)
-    big_x = jnp.tile(x, (kernels.WINOGRAD_MIN_BATCH // 2, 1, 1))
-    np.testing.assert_allclose(small.apply(params, big_x)[:2], small.apply(params, x),
-                               rtol=1e-5, atol=1e-5)
-    for length, stride, k in [(4, 1, 5), (5, 1, 5), (8, 1, 5), (16, 1, 5), (2, 1, 5), (7, 1, 3),
-                              (16, 1, 3), (16, 2, 5), (3, 2, 5)]:
-        conv = layers.Conv1D(6, kernel_size=k, stride=stride)
-        x = jax.random.normal(jax.random.PRNGKey(length), (kernels.WINOGRAD_MIN_BATCH, length, 3))
-        params = conv.init(jax.random.PRNGKey(1), x)
-        kernel = params["params"]["kernel"].reshape(k, 3, 6)  # (k, C, N) = WIO
-        expected = jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(stride,), padding=[(k // 2, k // 2)],
-            dimension_numbers=("NWC", "WIO", "NWC")) + params["params"]["bias"]
-        np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(conv.apply(params, x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("m,r", [(4, 5), (4, 3), (2, 3)])
 def test_winograd_matrices_compute_correlation_exactly(m, r):
     a_t, g, b_t = kernels.winograd_matrices(m, r)
@@ -162,27 +140,6 @@ def test_short_sequence_matrices_compute_padded_correlation_in_2l_minus_1_produc
     xp = np.pad(x, (r // 2, r // 2))
     expected = np.array([xp[i:i + r] @ w for i in range(length)])
     np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ x)), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_winograd_conv_second_order_gradients_match_windows():
-    """The DSM gradient differentiates through the score: both lowerings must agree there."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (kernels.WINOGRAD_MIN_BATCH, 8, 3))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (5 * 3, 4)) / 4.0
-    target = jax.random.normal(jax.random.PRNGKey(2), x.shape)
-
-    def dsm_like(conv):
-        def energy(k, x):
-            return jnp.sum(layers.softplus(conv(x, k)) ** 2)
-        return lambda k: jnp.sum((jax.grad(energy, argnums=1)(k, x) - target) ** 2)
-
-    def windows(x, k):
-        return kernels._shifted_windows(x, 5, 1) @ k
-
-    def winograd(x, k):
-        return kernels._winograd_conv(x, k, 5)
-
-    np.testing.assert_allclose(jax.grad(dsm_like(winograd))(kernel),
-                               jax.grad(dsm_like(windows))(kernel), rtol=2e-4, atol=2e-4)
 
 
 def test_small_matmul_derivatives_match_a_plain_matmul():

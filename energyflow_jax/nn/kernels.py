@@ -78,7 +78,6 @@ def resolve_policy(conv_impl: str = "auto", matmul_precision: str = "default",
     return KernelPolicy(conv_impl, matmul_precision)
 
 
-
 # Up to this many rows the dot of _small_matmul's transposed form was faster
 # in a standalone chain of 1280 x 256 weights (2x at 4 rows, 1.3x at 16,
 # 1.08x at 64; a tie at 256).
