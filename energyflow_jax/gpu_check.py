@@ -128,6 +128,22 @@ def direct_form_flops(sizes: Sizes, batch: int) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
+def advancing_call(chunk, holder: dict, data, key: str = "state"):
+    """fn() running one train chunk from holder[key] and keeping the new state
+    there (the chunk donates its input state)."""
+    def call():
+        holder[key], metrics = chunk(holder[key], data)
+        return metrics
+    return call
+
+
+def first_call_s(fn) -> float:
+    """Seconds of fn's first call, compile included."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
 def _timed_calls(fn, n: int) -> list[float]:
     jax.block_until_ready(fn())
     times = []
@@ -207,14 +223,8 @@ def _train_setup(sizes: Sizes, conv_impl: str, batch: int, dtype: str = "float32
 def stage_train(sizes: Sizes, conv_impl: str, batch: int, flops_per_step: float,
                 dtype: str = "float32") -> dict:
     model, chunk, holder, data = _train_setup(sizes, conv_impl, batch, dtype)
-
-    def call():
-        holder["state"], metrics = chunk(holder["state"], data)
-        return metrics
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    compile_s = time.perf_counter() - t0
+    call = advancing_call(chunk, holder, data)
+    compile_s = first_call_s(call)
     times = _timed_calls(call, max(sizes.repeats, 3))
     sps = sizes.n_steps / float(np.median(times))
     backend = jax.default_backend()
@@ -240,10 +250,7 @@ def _sampler_setup(sizes: Sizes, conv_impl: str):
     sampler = jax.jit(lambda p, o, r: dsm.sample(model, p, o, r, schedule, k, 1e-3))
     obs = _data(sizes, sizes.sample_batch)["obs"]
     rng = jax.random.PRNGKey(3)
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler(params, obs[:1], rng))
-    jax.block_until_ready(sampler(params, obs, rng))
-    compile_s = time.perf_counter() - t0
+    compile_s = first_call_s(lambda: (sampler(params, obs[:1], rng), sampler(params, obs, rng)))
 
     def measure(n_calls: int) -> dict:
         b1 = np.asarray(_timed_calls(lambda: sampler(params, obs[:1], rng), n_calls)) * 1e3
@@ -276,17 +283,9 @@ def stage_sweep(sizes: Sizes, n_members: int, batch: int, conv_impl: str) -> dic
     holder = {"vm": training.stack([_create_state(model, tx, hp(i), jax.random.PRNGKey(i))
                                     for i in range(n_members)])}
 
-    def vm_call():
-        holder["vm"], m = vm_chunk(holder["vm"], data)
-        return m
-
-    def one_call():
-        one["state"], m = one_chunk(one["state"], data)
-        return m
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(vm_call())
-    vm_compile = time.perf_counter() - t0
+    vm_call = advancing_call(vm_chunk, holder, data, "vm")
+    one_call = advancing_call(one_chunk, one, data)
+    vm_compile = first_call_s(vm_call)
     jax.block_until_ready(one_call())
     ratios, vm_sps, one_sps = [], [], []
     for _ in range(sizes.repeats):
@@ -414,10 +413,9 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
         _, chunk, holder, data = _train_setup(sizes, first, b0)
         _, measure_sampler = _sampler_setup(sizes, first)
 
+        call = advancing_call(chunk, holder, data)
+
         def measure_ours():
-            def call():
-                holder["state"], m = chunk(holder["state"], data)
-                return m
             sps = sizes.n_steps / float(np.median(_timed_calls(call, 3)))
             s = measure_sampler(20)
             return {"steps_per_s": sps, "ms_b1": s["ms_b1_median"], "ms_b256": s["ms_bn_median"]}
