@@ -301,12 +301,10 @@ def stage_sweep(sizes: Sizes, n_members: int, batch: int, conv_impl: str) -> dic
             "per_repeat": [round(r, 2) for r in ratios], "compile_s": round(vm_compile, 1)}
 
 
-def torch_ref_command(path: str, device: str) -> list[str]:
-    """The reference script run as is, on `device`: on CUDA every tensor it makes is
-    placed there and its perf_counter synchronizes first, so its timings count the
-    device's work rather than the launches."""
-    if device == "cpu":
-        return [sys.executable, path, str(os.cpu_count())]
+def torch_cuda_ref_command(path: str) -> list[str]:
+    """The reference script run as is on CUDA (bench.bench_ref runs it on the CPU):
+    every tensor it makes is placed on the GPU and its perf_counter synchronizes
+    first, so its timings count the device's work rather than the launches."""
     code = ("import runpy, sys, time, torch\n"
             "torch.set_default_device('cuda')\n"
             "_pc = time.perf_counter\n"
@@ -334,7 +332,7 @@ def stage_torch_ref(ref_path: str, measure_ours, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
         ours = measure_ours()
-        out = subprocess.run(torch_ref_command(ref_path, "cuda"), capture_output=True,
+        out = subprocess.run(torch_cuda_ref_command(ref_path), capture_output=True,
                              text=True, check=True, timeout=600)
         ref = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append({"ours": ours, "ref": ref,
