@@ -15,12 +15,12 @@ export ENERGYFLOW_REF_TORCH=${ENERGYFLOW_REF_TORCH:-$PWD/.ref/ref_torch.py}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   > "$OUT/nvidia_smi.csv" 2>&1
 # 1. the GPU check: stages start only within GPU_CHECK_BUDGET_S seconds
-timeout "${GPU_CHECK_TIMEOUT_S:-330}" python3 -m energyflow_jax.bench --gpu-check \
-  --out "$OUT/gc" --budget-s "${GPU_CHECK_BUDGET_S:-240}" 2>&1 | tee "$OUT/gpu_check.log" | cut -c1-400
+timeout "${GPU_CHECK_TIMEOUT_S:-320}" python3 -m energyflow_jax.bench --gpu-check \
+  --out "$OUT/gc" --skip "${GPU_CHECK_SKIP:-}" --budget-s "${GPU_CHECK_BUDGET_S:-240}" 2>&1 | tee "$OUT/gpu_check.log" | cut -c1-400
 # 2. the paper recipe on one task, 3 seeds vmapped, with its evaluation
-timeout "${PAPER_TIMEOUT_S:-230}" python3 -m energyflow_jax.main \
+timeout "${PAPER_TIMEOUT_S:-240}" python3 -m energyflow_jax.main \
   --config=sweeps/sweep_metaworld.py:paper --config.task="${PAPER_TASK:-button-press-v3}" \
-  --config.optim.total_steps="${PAPER_STEPS:-10000}" --config.eval.num_workers=12 \
+  --config.optim.total_steps="${PAPER_STEPS:-5000}" --config.eval.num_workers=12 \
   --config.log.progress=False --config.log.tensorboard=False --workdir=/tmp/paper \
   > "$OUT/paper.log" 2>&1
 echo "paper run exit: $?" | tee -a "$OUT/paper.log"

@@ -168,6 +168,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="gpu_check", help="--gpu-check's output folder")
     parser.add_argument("--smoke", action="store_true",
                         help="--gpu-check on a tiny model, in seconds (CI runs it on CPU)")
+    parser.add_argument("--skip", default="", metavar="STAGES",
+                        help="--gpu-check: comma-separated stages not to run (say torch_ref, "
+                             "once measured, to reach the later stages sooner)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="--gpu-check skips the stages that would start after this many "
                              "seconds")
@@ -179,7 +182,8 @@ def main(argv=None) -> dict:
     if args.gpu_check:
         from energyflow_jax import gpu_check
         return gpu_check.run(args.out, smoke=args.smoke, ref_path=args.ref,
-                             budget_s=args.budget_s)
+                             budget_s=args.budget_s,
+                             skip=tuple(x for x in args.skip.split(",") if x))
 
     if args.eval_workers:
         results = bench_eval_workers(args.eval_workers, repeats=max(args.repeats, 2))

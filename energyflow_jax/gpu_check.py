@@ -354,10 +354,17 @@ def med_of(runs, side, key):
     return round(float(np.median([r[side][key] for r in runs])), 3)
 
 
+STAGES = ("env", "flops", "train", "sample", "torch_ref", "parity", "sweep", "summary")
+
+
 def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
-        budget_s: float = 480.0) -> list[dict]:
-    """Run the stages, most important first, skipping those that start after
-    budget_s; returns the records (also printed and written)."""
+        budget_s: float = 480.0, skip: tuple[str, ...] = ()) -> list[dict]:
+    """Run the stages, most important first, skipping those named in skip and
+    those that start after budget_s; returns the records (also printed and written)."""
+    unknown = sorted(set(skip) - set(STAGES) | ({"env", "summary"} & set(skip)))
+    if unknown:
+        raise ValueError(f"cannot skip {unknown}; stages that may be skipped: "
+                         f"{[s for s in STAGES if s not in ('env', 'summary')]}")
     sizes = SMOKE if smoke else FULL
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "gpu_check.jsonl")
@@ -367,7 +374,9 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
     def emit(stage: str, fn, *args, **kwargs):
         elapsed = time.perf_counter() - t_start
         t0 = time.perf_counter()
-        if elapsed > budget_s and stage != "summary":
+        if stage in skip:
+            rec = {"stage": stage, "skipped": "--skip"}
+        elif elapsed > budget_s and stage != "summary":
             rec = {"stage": stage, "skipped": f"over the {budget_s:.0f} s budget"}
         else:
             try:
@@ -402,7 +411,7 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
     sample[rec.get("conv_impl")] = rec
     ref = None
     ref_path = ref_path or os.environ.get("ENERGYFLOW_REF_TORCH", "")
-    why_not = ("smoke" if smoke else None) or \
+    why_not = ("--skip" if "torch_ref" in skip else None) or ("smoke" if smoke else None) or \
         (None if jax.default_backend() == "gpu" else "not on a GPU") or \
         torch_cuda_unavailable(ref_path)
     if why_not:
@@ -418,16 +427,17 @@ def run(out_dir: str, smoke: bool = False, ref_path: str | None = None,
             s = measure_sampler(20)
             return {"steps_per_s": sps, "ms_b1": s["ms_b1_median"], "ms_b256": s["ms_bn_median"]}
         ref = emit("torch_ref", stage_torch_ref, ref_path, measure_ours, sizes.repeats)
-    sweep_rec = emit("sweep", stage_sweep, sizes, sizes.members[0], b0, first)
-    sweep[sizes.members[0]] = sweep_rec
     # The smoke run times one form (its parity stage still compares two).
     for form in order[1:] if not smoke else ():
         train[(form, b0)] = emit("train", stage_train, sizes, form, b0, flops[b0])
+    emit("parity", stage_parity, sizes)
+    # The sweeps compile a vmapped program each (over 2 minutes for 8 members on
+    # an H200), so they come after the forms' own figures.
+    sweep[sizes.members[0]] = emit("sweep", stage_sweep, sizes, sizes.members[0], b0, first)
     for form in sizes.forms if not smoke else ():
         if form not in sample:
             rec = emit("sample", stage_sample, sizes, form, 50 if not smoke else 3)
             sample[form] = rec
-    emit("parity", stage_parity, sizes)
     for batch in sizes.batches[1:]:
         for form in order:
             train[(form, batch)] = emit("train", stage_train, sizes, form, batch, flops[batch])

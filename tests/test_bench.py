@@ -2,6 +2,8 @@
 targets live in the bench)."""
 import json
 
+import pytest
+
 from energyflow_jax import bench
 
 
@@ -30,12 +32,13 @@ def test_missing_reference_is_reported_with_its_path(tmp_path):
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     """The accelerator check's code path on CPU in its smoke mode, so it cannot rot
     between the sessions that have a GPU."""
-    records = bench.main(["--gpu-check", "--smoke", "--out", str(tmp_path)])
+    records = bench.main(["--gpu-check", "--smoke", "--out", str(tmp_path), "--skip", "torch_ref"])
     lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(records))  # every record printed is written
     stages = [r["stage"] for r in records]
     assert {"env", "flops", "train", "sample", "torch_ref", "sweep", "parity", "summary"} <= set(stages)
     assert not [r for r in records if "error" in r]
+    assert next(r for r in records if r["stage"] == "torch_ref")["skipped"] == "--skip"
     parity = next(r for r in records if r["stage"] == "parity")["rel_err"]
     assert set(parity) == {"lax/highest", "windows/highest"}
     assert all(err < 1e-5 for form in parity.values() for err in form.values())
@@ -62,3 +65,11 @@ def test_peaks_by_device_kind_unit_and_count():
               "devices": 2, "train_achieved_tflops": 98.94}
     assert abs(bench.peak_fraction(result) - 0.1) < 1e-9  # TF32 peak of two H100s
     assert bench.peak_fraction({**result, "backend": "cpu", "device_kind": "cpu"}) is None
+
+
+def test_gpu_check_skip_names_the_stages(tmp_path):
+    from energyflow_jax import gpu_check
+    for bad in (("torch-ref",), ("summary",)):
+        with pytest.raises(ValueError, match="torch_ref"):
+            gpu_check.run(str(tmp_path / "out"), smoke=True, skip=bad)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
