@@ -181,6 +181,7 @@ _RANGES = {
     "eval.num_envs": _int_at_least(0),
     "eval.num_workers": _int_at_least(0),
     "eval.n_plot": _int_at_least(0),
+    "eval.n_videos": _int_at_least(0),
     "toy.n_samples": _int_at_least(1),
     # capacity
     "state_dim": _int_at_least(1),

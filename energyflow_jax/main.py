@@ -88,4 +88,8 @@ def main(argv):
 
 if __name__ == "__main__":
     xla_cpu.configure()  # before JAX starts its backend; the library itself sets nothing
+    if not (os.environ.get("MUJOCO_GL") or os.environ.get("DISPLAY")):
+        # Headless: MuJoCo's default (glfw) needs a display; EGL renders offscreen
+        # (the rollout videos, energyflow_jax.evaluation.video). Read when mujoco is imported.
+        os.environ["MUJOCO_GL"] = "egl"
     app.run(main)

@@ -69,6 +69,7 @@ def _tiny(c):
     c.eval.n_episodes = 2
     c.eval.max_steps = 24
     c.eval.n_plot = 1
+    c.eval.n_videos = 0
     c.log.tensorboard = False
     c.log.progress = False
 
@@ -94,5 +95,6 @@ def get_config(preset=None):
         num_envs=0,               # envs stepped together; 0 -> all episodes at once
         num_workers=0,            # env worker processes; 0 -> step the envs in-process
         n_plot=3,                 # rollout plots of the first episodes (level 0, first seed)
+        n_videos=1,               # rollout videos of the first episodes (same; needs MuJoCo GL)
     ))
     return select_preset(c, PRESETS, preset)

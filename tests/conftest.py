@@ -16,6 +16,8 @@ from energyflow_jax import xla_cpu
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2").strip()
 xla_cpu.configure()  # the flag the CLI sets, so tests run what users run
+if not (os.environ.get("MUJOCO_GL") or os.environ.get("DISPLAY")):
+    os.environ["MUJOCO_GL"] = "egl"  # as the CLI does headless: the rollout-video tests render
 
 _CACHE = tempfile.mkdtemp(prefix="energyflow-test-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Batched receding-horizon evaluation on Meta-World v3."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -134,3 +135,49 @@ def test_bad_policy_output_is_reported():
         me.evaluate(lambda obs: np.zeros((2, 4, 4)), TASK, n_episodes=2, seed=0, max_steps=8)
     with pytest.raises(ValueError, match="non-finite"):
         me.evaluate(lambda obs: np.full((1, 8, 4), np.nan), TASK, n_episodes=1, seed=0, max_steps=8)
+
+
+def _frame_count(path):
+    import imageio.v3 as iio
+
+    return len(iio.imread(path, index=None))
+
+
+def test_rollout_video_has_one_frame_per_episode_step(tmp_path):
+    """The first episode replayed and rendered: one frame per step, ending as evaluated."""
+    from energyflow_jax.evaluation import video
+
+    reason = video.gl_unavailable()
+    if reason:
+        pytest.skip(reason)
+    result = me.evaluate(me.make_expert_policy_fn(TASK), TASK, n_episodes=2, seed=0,
+                         exec_horizon=4, max_steps=120, n_videos=1, out_dir=str(tmp_path))
+    assert result["videos_skipped"] is None and len(result["videos"]) == 1
+    v = result["videos"][0]
+    episode = result["episodes"][0]
+    assert v["episode"] == 0 and v["replay_matches"]
+    assert episode["success"] and v["path"].endswith("_success.mp4")
+    assert v["frames"] == episode["steps"] == _frame_count(v["path"])
+    assert not [f for f in os.listdir(tmp_path) if ".partial" in f]
+
+
+def test_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from energyflow_jax.evaluation import video
+
+    real = iio.imwrite
+
+    def no_ffmpeg(path, *args, **kwargs):
+        if str(path).endswith(".mp4"):
+            raise OSError("Could not find a backend to open it")  # what imageio says
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(iio, "imwrite", no_ffmpeg)
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(5)[:, None, None] * 40  # distinct frames: a GIF keeps them all
+    path = video.write_video(str(tmp_path / "clip"), frames)
+    assert path.endswith("clip.gif") and os.listdir(tmp_path) == ["clip.gif"]
+    assert _frame_count(path) == 5
+    with pytest.raises(ValueError, match="frames must be"):
+        video.write_video(str(tmp_path / "bad"), frames[0])

@@ -33,7 +33,8 @@ def test_tiny_cli_run_writes_a_sane_report(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "energyflow_jax.main", "--config=sweeps/metaworld.py:tiny",
-         f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         f"--workdir={workdir}", "--config.eval.n_videos=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((workdir / "report.json").read_text())
 
@@ -72,6 +73,14 @@ def test_tiny_cli_run_writes_a_sane_report(tmp_path):
     assert run_io_fingerprint(policy.params) == report["ema_params_sha256"]
     assert "| 0 |" in (workdir / "summary.md").read_text()
     assert len(report["rollout_plots"]) == 1 and os.path.exists(report["rollout_plots"][0])
+    # The rollout video, or the reason there is none (no GL backend) in the summary.
+    if report["videos_skipped"]:
+        assert report["rollout_videos"] == []
+        assert "no rollout videos: MuJoCo cannot render" in (workdir / "summary.md").read_text()
+    else:
+        (v,) = report["rollout_videos"]
+        assert v["frames"] == report["episodes"][0]["steps"] and v["replay_matches"]
+        assert os.path.exists(v["path"]) and "rollout videos" in (workdir / "summary.md").read_text()
 
 
 def test_unknown_task_fails_first_and_lists_valid_names(tmp_path):

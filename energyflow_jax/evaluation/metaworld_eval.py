@@ -33,6 +33,7 @@ from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS,
     resolve_perturbation,
 )
 from energyflow_jax.envs.workers import make_batched_env
+from energyflow_jax.evaluation import video
 from energyflow_jax.evaluation.plots import plot_rollout
 from energyflow_jax.evaluation.rollout import rollout
 from energyflow_jax.policy import Policy
@@ -121,6 +122,7 @@ def evaluate(
     max_steps: int = 500,
     perturbation: str | float = 0.0,
     n_plot: int = 0,
+    n_videos: int = 0,
     out_dir: str | None = None,
     num_envs: int | None = None,
     exclude_rand_vecs: np.ndarray | None = None,
@@ -138,6 +140,9 @@ def evaluate(
     exclude_rand_vecs: layouts that must not be evaluated on (e.g. the demos'
         ``rand_vec``s); a shared layout raises ValueError.
     n_plot / out_dir: save trajectory plots (png) of the first n_plot episodes.
+    n_videos: render the first n_videos episodes to out_dir (mp4, or gif without
+        ffmpeg; :mod:`energyflow_jax.evaluation.video`); where MuJoCo cannot
+        render, a warning says why and ``videos_skipped`` holds the reason.
     num_workers: worker processes stepping the envs (0: in this process).
 
     Returns a dict with success_rate, ci95 (Wilson), n_episodes, n_successes,
@@ -150,8 +155,8 @@ def evaluate(
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     if obs_horizon < 1 or exec_horizon < 1:
         raise ValueError(f"obs_horizon and exec_horizon must be >= 1, got {obs_horizon}, {exec_horizon}")
-    if n_plot > 0 and out_dir is None:
-        raise ValueError("n_plot > 0 needs an out_dir for the plots")
+    if (n_plot > 0 or n_videos > 0) and out_dir is None:
+        raise ValueError("n_plot > 0 or n_videos > 0 needs an out_dir for the plots and videos")
     perturb = resolve_perturbation(perturbation)
     num_envs = min(int(num_envs or n_episodes), n_episodes)
     started = time.perf_counter()
@@ -167,7 +172,7 @@ def evaluate(
     env = make_batched_env(spec, num_envs, num_workers)
     try:
         out = rollout(env, policy_fn, list(range(n_episodes)), obs_horizon, exec_horizon, max_steps,
-                      n_record=n_plot, on_episode_end=lambda: bar.update(1))
+                      n_record=max(n_plot, n_videos), on_episode_end=lambda: bar.update(1))
     finally:
         env.close()
         bar.close()
@@ -193,7 +198,7 @@ def evaluate(
     plots = []
     if n_plot > 0:
         os.makedirs(out_dir, exist_ok=True)
-        for ep in sorted(out.trajectories):
+        for ep in sorted(out.trajectories)[:n_plot]:
             r = results[ep]
             outcome = "success" if r["success"] else "fail"
             path = os.path.join(out_dir, f"{task}_{perturb.level}_ep{ep:03d}_{outcome}.png")
@@ -201,6 +206,20 @@ def evaluate(
                          f"{task}  eval config {ep}  perturbation {perturb.level}  "
                          f"{outcome} in {r['steps']} steps")
             plots.append(path)
+
+    videos, videos_skipped = [], None
+    if n_videos > 0:
+        videos_skipped = video.gl_unavailable()
+        if videos_skipped:
+            logger.warning("No rollout videos: %s", videos_skipped)
+        else:
+            videos = video.record_videos(spec, results, {ep: a for ep, a in out.actions.items()
+                                                         if ep < n_videos},
+                                         out_dir, f"{task}_{perturb.level}")
+            for v in videos:
+                if not v["replay_matches"]:
+                    logger.warning("The replay of episode %d for its video did not end as the "
+                                   "evaluation did; the video may differ from it", v["episode"])
 
     n_successes = sum(r["success"] for r in results)
     return {
@@ -223,6 +242,8 @@ def evaluate(
         "perturbation": {"level": perturb.level, "object_shift_m": perturb.object_shift,
                          "hand_shift_m": perturb.hand_shift},
         "plots": plots,
+        "videos": videos,
+        "videos_skipped": videos_skipped,
     }
 
 

@@ -41,6 +41,7 @@ class RolloutResult:
     final_obs: np.ndarray  # (n, obs_dim), the observation after the last step
     reset_infos: list[dict[str, Any]]  # the env's reset info of each episode
     trajectories: dict[int, np.ndarray] = field(default_factory=dict)  # episode -> (steps + 1, obs_dim)
+    actions: dict[int, np.ndarray] = field(default_factory=dict)  # episode -> (steps, action_dim), as stepped
     n_policy_calls: int = 0
     env_steps: int = 0
     env_time_s: float = 0.0  # inside env.step
@@ -59,7 +60,8 @@ def rollout(
 ) -> RolloutResult:
     """Run one episode per entry of ``layout_ids`` on ``env``; see the module docstring.
 
-    n_record: keep the observation trajectories of the first n_record episodes.
+    n_record: keep the observation trajectories and the executed (clipped) actions
+        of the first n_record episodes.
     on_episode_end: called once per finished episode (e.g. a progress bar).
     """
     n_episodes = len(layout_ids)
@@ -77,6 +79,7 @@ def rollout(
     final_obs = np.zeros((n_episodes, obs_dim), np.float64)
     reset_infos: list[dict[str, Any]] = []
     trajectories: dict[int, list[np.ndarray]] = {}
+    actions: dict[int, list[np.ndarray]] = {}
     out = RolloutResult(success, steps, returns, final_obs, reset_infos)
 
     for wave_start in range(0, n_episodes, num_envs):
@@ -91,6 +94,7 @@ def rollout(
         for slot, e in enumerate(episodes):
             if e < n_record:
                 trajectories[int(e)] = [first_obs[slot].copy()]
+                actions[int(e)] = []
         done = np.zeros(num_envs, bool)
         done[n_live:] = True
         w_success = np.zeros(num_envs, bool)
@@ -126,6 +130,7 @@ def rollout(
                     final_obs[e] = result.obs[slot]
                     if e in trajectories:
                         trajectories[e].append(result.obs[slot].copy())
+                        actions[e].append(chunk[slot, k].copy())
                     if result.success[slot]:
                         w_success[slot] = done[slot] = True
                     elif w_steps[slot] >= max_steps:
@@ -139,4 +144,5 @@ def rollout(
         returns[episodes] = w_returns[:n_live]
 
     out.trajectories = {e: np.stack(t) for e, t in trajectories.items()}
+    out.actions = {e: np.stack(a).reshape(len(a), action_dim) for e, a in actions.items()}
     return out

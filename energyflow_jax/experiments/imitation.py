@@ -119,6 +119,7 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
             results[level].append(metaworld_eval.evaluate(
                 policy_fn, task, config.eval.n_episodes, int(eval_seed), perturbation=level,
                 n_plot=config.eval.n_plot if plot else 0,
+                n_videos=config.eval.n_videos if plot else 0,
                 out_dir=os.path.join(workdir, "rollouts"), **eval_kwargs))
     timing["eval_s"] = time.perf_counter() - t0
 
@@ -142,6 +143,8 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
         "demos": {"cache_path": cache_path, "provenance": provenance,
                   "n_windows": int(dataset.num_windows)},
         "rollout_plots": [p for r in results["0"] for p in r["plots"]],
+        "rollout_videos": [v for r in results["0"] for v in r["videos"]],
+        "videos_skipped": next((r["videos_skipped"] for r in results["0"] if r["videos_skipped"]), None),
         "timing": timing,
     }
     report = write_report(workdir, config, state, info, time.perf_counter() - t_start, **extra)
@@ -173,8 +176,13 @@ def run_summary_markdown(report: dict) -> str:
               f"train {t['train_s']:.0f} s, eval {t['eval_s']:.0f} s)",
               f"- policy latency: {report['policy_latency_ms']:.1f} ms per batched call",
               f"- demos: {report['demos']['provenance'].get('n_episodes')} "
-              f"(expert success {report['demos']['provenance'].get('expert_success_rate')})", ""]
-    return "\n".join(lines)
+              f"(expert success {report['demos']['provenance'].get('expert_success_rate')})"]
+    if report.get("rollout_videos"):
+        lines.append("- rollout videos: " + ", ".join(
+            f"rollouts/{os.path.basename(v['path'])}" for v in report["rollout_videos"]))
+    elif report.get("videos_skipped"):
+        lines.append(f"- no rollout videos: {report['videos_skipped']}")
+    return "\n".join(lines + [""])
 
 
 def plot_summary(path: str, report: dict, metrics: list[dict]) -> None:
