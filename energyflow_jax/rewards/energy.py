@@ -334,6 +334,18 @@ def _apply_reward(reward: Reward, inputs: RewardInputs) -> jax.Array:
     return reward(inputs)
 
 
+def _rank_scores_of(reward, expert: RewardInputs, alternative_actions: jax.Array):
+    """(r(expert) (N,), r(alternatives) (P, N)) in one program: one compile per reward
+    and shape (the alternatives are mapped, not vmapped, to keep memory at one batch)."""
+    def score_alternative(actions: jax.Array) -> jax.Array:  # (N, A) -> (N,)
+        return reward(expert.replace(action=actions))
+
+    return reward(expert), jax.lax.map(score_alternative, jnp.swapaxes(alternative_actions, 0, 1))
+
+
+_rank_scores = jax.jit(_rank_scores_of)  # a Reward is a pytree: its arrays are arguments
+
+
 def reward_quality(
     reward_fn: Callable[[RewardInputs], jax.Array],
     expert: RewardInputs,
@@ -351,15 +363,12 @@ def reward_quality(
         Spearman (the ordering along each trajectory, free of across-episode offsets).
     """
     if isinstance(reward_fn, Reward):  # pass its arrays as arguments, not as constants
+        r_expert, r_alt = _rank_scores(reward_fn, expert, alternative_actions)
         reward_fn = functools.partial(_apply_reward, reward_fn)
     else:
+        r_expert, r_alt = jax.jit(functools.partial(_rank_scores_of, reward_fn))(
+            expert, alternative_actions)
         reward_fn = jax.jit(reward_fn)
-    r_expert = reward_fn(expert)  # (N,)
-
-    def score_alternative(actions: jax.Array) -> jax.Array:  # (N, A) -> (N,)
-        return reward_fn(expert.replace(action=actions))
-
-    r_alt = jax.lax.map(score_alternative, jnp.swapaxes(alternative_actions, 0, 1))  # (P, N)
     wins = (r_expert[None] > r_alt).astype(jnp.float32) + 0.5 * (r_expert[None] == r_alt)
     out = {
         "ranking_accuracy": float(wins.mean()),
@@ -367,7 +376,7 @@ def reward_quality(
         "alternative_reward_mean": float(r_alt.mean()),
     }
     if trajectories is not None:
-        r = np.asarray(reward_fn(trajectories), dtype=np.float64)
+        r = np.asarray(r_expert if trajectories is expert else reward_fn(trajectories), np.float64)
         dense = np.asarray(trajectories.env_reward, dtype=np.float64)
         out["pearson"] = _pearson(r, dense)
         out["spearman"] = _spearman(r, dense)
