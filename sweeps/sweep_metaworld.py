@@ -11,8 +11,10 @@ steps all members' environments together with one sampler call per replan.
 Presets: "default" (the Meta-World CPU preset's model and data, 3 seeds x 2
 learning rates x 2 EMA decays = 12 members; an accelerator's job, or a long CPU
 one), "paper" (sweeps/metaworld.py:paper on config.task, seeds 0-2 in one
-program; an accelerator's job), "tiny" (seconds; 2 seeds of
-sweeps/metaworld.py:tiny, for tests).
+program; an accelerator's job), "table" (the paper's five tasks x 3 seeds,
+each task's seeds one program, its table beside the published EnergyFlow and
+Diffusion Policy rows), "tiny" and "table_tiny" (seconds, for tests: 2 seeds,
+and 2 tasks x 2 seeds, of sweeps/metaworld.py:tiny).
 Writes results.md / results.json (per member: settings, seed, success rate,
 Wilson CI; per setting: mean and std over seeds, best marked) and results.png.
 """
@@ -40,8 +42,24 @@ def _paper(c):
     c.sweep.seeds = (0, 1, 2)
 
 
+def _table(c):
+    """The paper's five tasks x 3 seeds; per task, the seeds are one program's members.
+    The recipe: the CPU preset's MLP with 200 demos and 20k steps (docs/results.md)."""
+    c.tasks = ()
+    c.sweep.grid = sweep_grid({"task": config_lib.load_module(TASK_CONFIG).PAPER_TASKS})
+    c.sweep.seeds = (0, 1, 2)
+    c.data.n_demos = 200
+    c.optim.total_steps = 20_000
+
+
+def _table_tiny(c):
+    c.sweep.grid = sweep_grid({"task": ("button-press-v3", "drawer-open-v3")})
+    c.sweep.seeds = (0, 1)
+
+
 PRESETS = {"default": ("default", _default), "tiny": ("tiny", _tiny),
-           "paper": ("paper", _paper)}
+           "paper": ("paper", _paper), "table": ("default", _table),
+           "table_tiny": ("tiny", _table_tiny)}
 
 
 def get_config(preset=None):

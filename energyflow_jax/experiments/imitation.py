@@ -33,13 +33,7 @@ from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.policy import as_numpy_policy
 from energyflow_jax.training.loop import fit, write_report
 
-# Success %, mean over 3 seeds, from the paper (Meta-World v2; we run v3). NOTES.md.
-PUBLISHED_SUCCESS = {
-    "EnergyFlow": {"button-press": 100.0, "drawer-open": 94.2, "assembly": 82.6,
-                   "bin-picking": 90.9, "hammer": 94.6},
-    "Diffusion Policy": {"button-press": 100.0, "drawer-open": 93.6, "assembly": 76.4,
-                         "bin-picking": 89.6, "hammer": 94.0},
-}
+PUBLISHED_SUCCESS = demos.PUBLISHED_SUCCESS
 
 # --------------------------------------------------------------------------- helpers
 
@@ -61,10 +55,6 @@ def _eval_levels(config) -> list[str]:
         raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
     requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
     return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
-
-
-def _short(task: str) -> str:
-    return task[:-3] if task.endswith("-v3") else task
 
 
 # --------------------------------------------------------------------------- one run
@@ -218,7 +208,7 @@ def aggregate_markdown(rows: list[dict], kind: str) -> str:
              "Diffusion Policy (paper) |", "|---|---|---|---|---|---|"]
     ours_all, paper_all = [], []
     for row in rows:
-        short = _short(row["task"])
+        short = demos.short_name(row["task"])
         paper = {name: table.get(short) for name, table in PUBLISHED_SUCCESS.items()}
         ours_all.append(row["mean_success_rate"])
         if paper["EnergyFlow"] is not None:

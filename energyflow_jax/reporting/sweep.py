@@ -68,6 +68,7 @@ def results_markdown(summary: dict) -> str:
             cells.append(f"{r[name]['mean']:.4f} ± {r[name]['std']:.4f}" if name in r else "")
         cells.append(r["group"])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _published_markdown(summary.get("published"))
     members = [m for m in summary["members"] if "ci95" in m["metrics"]]
     if members:  # success rates: each member with its Wilson interval
         lines += ["", "## Members", "",
@@ -81,6 +82,31 @@ def results_markdown(summary: dict) -> str:
                          + f"{m['seed']} | {100 * ev['success_rate']:.1f} | "
                          f"[{100 * lo:.1f}, {100 * hi:.1f}] | {ev['n_episodes']} |")
     return "\n".join(lines) + "\n"
+
+
+def _published_markdown(table: dict | None) -> list[str]:
+    """Our success % (mean ± std over seeds) per column beside the published rows,
+    with each row's average over the columns it has."""
+    if not table:
+        return []
+    cols = table["columns"]
+
+    def row(name: str, values: dict) -> str:
+        cells = []
+        for c in cols:
+            v = values.get(c)
+            cells.append("-" if v is None else
+                         f"{v[0]:.1f} ± {v[1]:.1f}" if isinstance(v, tuple | list) else f"{v:.1f}")
+        have = [values[c][0] if isinstance(values[c], tuple | list) else values[c]
+                for c in cols if values.get(c) is not None]
+        avg = f"{np.mean(have):.1f}" if len(have) == len(cols) else "-"
+        return f"| {name} | " + " | ".join(cells) + f" | {avg} |"
+
+    lines = ["", f"## Beside the published numbers ({table['source']})", "",
+             "| success % | " + " | ".join(cols) + " | average |", "|" + "---|" * (len(cols) + 2),
+             row("ours (mean ± std over seeds)", table["ours"])]
+    lines += [row(f"{method} (paper)", values) for method, values in table["published"].items()]
+    return lines
 
 
 def plot_results(summary: dict, path: str) -> None:

@@ -165,6 +165,8 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
     record_state()
     results = [run_dir.read_json(os.path.join(_group_dir(workdir, g.gid), "result.json")) for g in groups]
     summary = summarize(config, [m for r in results for m in r["members"]])
+    published = getattr(TASKS[config.sweep.task], "published", None)
+    summary["published"] = published(summary) if published else None
     summary["groups"] = [{"gid": g.gid, "n_members": len(g.members),
                           "skipped_as_finished": g.gid in already,
                           "wall_time_s": r["wall_time_s"]} for g, r in zip(groups, results)]
