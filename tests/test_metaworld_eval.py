@@ -181,3 +181,21 @@ def test_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
     assert _frame_count(path) == 5
     with pytest.raises(ValueError, match="frames must be"):
         video.write_video(str(tmp_path / "bad"), frames[0])
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend must survive the library's plots (they use Figure, not pyplot)."""
+    import matplotlib
+
+    from energyflow_jax.evaluation.plots import plot_rollout
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's backend
+    try:
+        traj = np.zeros((5, md.OBS_DIM))
+        traj[:, 0] = np.linspace(0, 0.1, 5)
+        plot_rollout(str(tmp_path / "r.png"), traj, "title")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "r.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(before)

@@ -82,14 +82,13 @@ def plot_landscape(energy_fn, schedule, path: str, t: float = 0.3, states=((0.0,
                    grid: int = 80) -> None:
     """Learned vs true energy at time t over the action plane for a few states."""
     std_t = float(np.sqrt(MODE_STD ** 2 + schedule.sigma(t) ** 2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
     xs = np.linspace(-2.0, 2.0, grid)
     gx, gy = np.meshgrid(xs, xs)
     flat_a = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], -1), jnp.float32)
-    fig, axes = plt.subplots(2, len(states), figsize=(4 * len(states), 7.5))
+    fig = Figure(figsize=(4 * len(states), 7.5))
+    axes = fig.subplots(2, len(states))
     for j, state in enumerate(states):
         s = jnp.tile(jnp.array([state], jnp.float32), (flat_a.shape[0], 1))
         learned = np.asarray(energy_fn(flat_a[:, None, :], s[:, None, :], t)).reshape(grid, grid)
@@ -107,4 +106,3 @@ def plot_landscape(energy_fn, schedule, path: str, t: float = 0.3, states=((0.0,
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)

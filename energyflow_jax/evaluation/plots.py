@@ -11,13 +11,11 @@ def plot_rollout(path: str, trajectory: np.ndarray, title: str) -> None:
     trajectory: (T, 39) observations; Meta-World layout: [0:3] end effector,
     [4:7] main object, [36:39] goal.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
     hand, obj, goal = trajectory[:, 0:3], trajectory[:, 4:7], trajectory[0, 36:39]
-    fig, (top, side) = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    (top, side) = fig.subplots(1, 2)
     top.plot(hand[:, 0], hand[:, 1], "-", color="tab:blue", label="end effector")
     top.plot(obj[:, 0], obj[:, 1], "-", color="tab:orange", label="object")
     top.plot(hand[0, 0], hand[0, 1], "o", color="tab:blue")
@@ -34,4 +32,3 @@ def plot_rollout(path: str, trajectory: np.ndarray, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)

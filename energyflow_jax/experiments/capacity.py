@@ -240,11 +240,10 @@ def generalization_slopes(rows: list[dict]) -> dict:
 
 
 def _plot_complexity(path, rows, refs, slopes):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     colors = {"conservative": "tab:blue", "free": "tab:red"}
     ns = sorted({r["n"] for r in rows})
     markers = "osd^v<>"
@@ -270,15 +269,13 @@ def _plot_complexity(path, rows, refs, slopes):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_gap(path, rows, slopes):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     colors = {"conservative": "tab:blue", "free": "tab:red"}
     for name in MODEL_CLASSES:
         group = sorted((r for r in rows if r["class"] == name), key=lambda r: r["d"])
@@ -304,7 +301,6 @@ def _plot_gap(path, rows, slopes):
     axes[1].set_ylabel(r"$E\|f - f^*\|^2$  ($E\|f^*\|^2 = 1$)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- entry point

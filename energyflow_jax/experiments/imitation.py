@@ -177,13 +177,11 @@ def run_summary_markdown(report: dict) -> str:
 
 def plot_summary(path: str, report: dict, metrics: list[dict]) -> None:
     """Success (with Wilson CI) per perturbation level beside the training loss curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
     table = report["ood"] or {"0": report}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    (left, right) = fig.subplots(1, 2)
     levels = list(table)
     rates = np.array([table[lv]["success_rate"] for lv in levels])
     lows = np.array([table[lv]["ci95"][0] for lv in levels])
@@ -198,7 +196,6 @@ def plot_summary(path: str, report: dict, metrics: list[dict]) -> None:
     right.set(xlabel="step", ylabel="DSM loss", title="training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def aggregate_markdown(rows: list[dict], kind: str) -> str:

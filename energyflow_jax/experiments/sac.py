@@ -340,12 +340,10 @@ def results_markdown(results: dict) -> str:
 
 def plot_curves(path: str, results: dict) -> None:
     """Success and return vs env steps, one line per reward (mean, ±std band over seeds)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for kind, v in results["variants"].items():
         c = v["curve"]
         steps = np.asarray(c["step"])
@@ -359,7 +357,6 @@ def plot_curves(path: str, results: dict) -> None:
     fig.suptitle(f"SAC on {results['task']}: mean ± std over seeds {results['seeds']}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -112,14 +112,12 @@ def _published_markdown(table: dict | None) -> list[str]:
 def plot_results(summary: dict, path: str) -> None:
     """One panel per (metric, swept key): mean ± std vs that key's value, one
     line per combination of the other swept keys."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone
 
     keys = summary["swept_keys"] or ["setting_index"]
     names = summary["metric_names"]
-    fig, axes = plt.subplots(len(names), len(keys), figsize=(4.5 * len(keys), 3.5 * len(names)),
-                             squeeze=False)
+    fig = Figure(figsize=(4.5 * len(keys), 3.5 * len(names)))
+    axes = fig.subplots(len(names), len(keys), squeeze=False)
     rows = summary["settings"]
     for j, key in enumerate(keys):
         def value(r, k=key):
@@ -157,7 +155,6 @@ def plot_results(summary: dict, path: str) -> None:
     fig.suptitle(f"Sweep: mean ± std over seeds (best by {summary['metric']} circled)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def write_results(workdir: str, summary: dict) -> None:
