@@ -35,7 +35,6 @@ def execute(name: str, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("ENERGYFLOW_TINY", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.join(REPO, "notebooks")}})
