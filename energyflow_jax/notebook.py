@@ -1,21 +1,14 @@
 """What the Colab notebooks (notebooks/*.ipynb) share beyond their first cell.
 
 The first cell of every notebook fetches and installs the project, so it cannot
-import it; everything after it may. ``TINY`` (environment variable
-``ENERGYFLOW_TINY=1``, which the test suite sets) shrinks every run to seconds.
+import it (it also defines ``TINY`` from ``ENERGYFLOW_TINY=1``, which the test
+suite sets); everything after it may.
 """
 from __future__ import annotations
-
-import os
 
 
 class CellOrderError(RuntimeError):
     """A notebook cell ran before the cell that defines what it uses."""
-
-
-def tiny() -> bool:
-    """True when the notebooks should run at test size (ENERGYFLOW_TINY=1)."""
-    return os.environ.get("ENERGYFLOW_TINY", "") == "1"
 
 
 def require(namespace: dict, **names: str) -> None:

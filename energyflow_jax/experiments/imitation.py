@@ -33,7 +33,6 @@ from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.policy import as_numpy_policy
 from energyflow_jax.training.loop import fit, write_report
 
-PUBLISHED_SUCCESS = demos.PUBLISHED_SUCCESS
 
 # --------------------------------------------------------------------------- helpers
 
@@ -206,7 +205,7 @@ def aggregate_markdown(rows: list[dict], kind: str) -> str:
     ours_all, paper_all = [], []
     for row in rows:
         short = demos.short_name(row["task"])
-        paper = {name: table.get(short) for name, table in PUBLISHED_SUCCESS.items()}
+        paper = {name: table.get(short) for name, table in demos.PUBLISHED_SUCCESS.items()}
         ours_all.append(row["mean_success_rate"])
         if paper["EnergyFlow"] is not None:
             paper_all.append(paper)
@@ -257,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     markdown = aggregate_markdown(rows, config.model.kind)
     aggregate = {"config": config.to_dict(), "tasks": rows,
                  "mean_success_rate": float(np.mean([r["mean_success_rate"] for r in rows])),
-                 "published_success_v2": PUBLISHED_SUCCESS,
+                 "published_success_v2": demos.PUBLISHED_SUCCESS,
                  "wall_time_s": time.perf_counter() - t0}
     if run_dir.is_main_process():
         run_dir.write_json(os.path.join(workdir, "report.json"), aggregate)
