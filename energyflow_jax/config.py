@@ -220,6 +220,13 @@ _RANGES = {
 }
 
 
+# Where an experiment allows what the general rule does not.
+_EXPERIMENT_RANGES = {
+    "robomimic": {"eval.max_steps": (lambda x: _is_int(x) and x >= 0,
+                                     "an integer >= 0 (0: the task's budget)")},
+}
+
+
 def _scalars(value):
     """The scalars in a value, a tuple, or a sweep grid's tuple of tuples."""
     if isinstance(value, (tuple, list)):
@@ -229,7 +236,10 @@ def _scalars(value):
         yield value
 
 
-def _rule_for(key: str):
+def _rule_for(key: str, experiment=None):
+    for suffix, rule in _EXPERIMENT_RANGES.get(experiment, {}).items():
+        if key == suffix:
+            return rule
     for suffix, rule in _RANGES.items():
         if key == suffix or key.endswith("." + suffix):
             return rule
@@ -247,7 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
     errors = []
     for key, value in flat.items():
-        rule = _rule_for(key)
+        rule = _rule_for(key, flat.get("experiment"))
         if rule is None:
             continue
         check, allowed = rule

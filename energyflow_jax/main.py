@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "toy": "energyflow_jax.experiments.toy:train_and_evaluate",
     "sweep": "energyflow_jax.sweep.runner:run",
     "metaworld": "energyflow_jax.experiments.imitation:train_and_evaluate",
+    "robomimic": "energyflow_jax.experiments.imitation:train_and_evaluate",
     "capacity": "energyflow_jax.experiments.capacity:train_and_evaluate",
     "sac": "energyflow_jax.experiments.sac:train_and_evaluate",
 }

@@ -12,7 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(workdir, *overrides, env_extra=None, preset="tiny", config=None):
     env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}
-    env.pop("XLA_FLAGS", None)  # one device: what a user's plain run gets
+    # One device, what a user's plain run gets; conftest's other XLA flags stay.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "host_platform_device_count" not in f)
     config = config or f"sweeps/toy.py:{preset}"
     cmd = [sys.executable, "-m", "energyflow_jax.main", f"--config={config}",
            f"--workdir={workdir}", *overrides]

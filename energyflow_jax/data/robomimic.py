@@ -32,6 +32,20 @@ TASKS = ("lift", "can", "square", "transport", "tool_hang")
 _ROBOT_KEYS = ("eef_pos", "eef_quat", "gripper_qpos")
 OBS_DIMS = {"lift": 19, "can": 23, "square": 23, "transport": 59, "tool_hang": 53}
 ACTION_DIMS = {"lift": 7, "can": 7, "square": 7, "transport": 14, "tool_hang": 7}
+ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
+             "transport": "TwoArmTransport", "tool_hang": "ToolHang"}
+
+# Where the object's world position sits in the `object` observation (robosuite 1.5
+# order); transport and tool_hang hold several objects and are not plotted.
+OBJECT_POSITION = {"lift": 0, "can": 7, "square": 7}
+
+# Success %, proficient-human low_dim, mean over 3 seeds, from the paper (NOTES.md).
+PUBLISHED_SUCCESS = {
+    "EnergyFlow": {"lift": 100.0, "can": 100.0, "square": 95.3, "transport": 89.4,
+                   "tool_hang": 84.2},
+    "Diffusion Policy": {"lift": 100.0, "can": 99.2, "square": 93.5, "transport": 85.9,
+                         "tool_hang": 77.2},
+}
 
 
 class RobomimicFormatError(ValueError):
@@ -42,6 +56,45 @@ def validate_task_name(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown RoboMimic task {task!r}; choose one of {', '.join(TASKS)}")
     return task
+
+
+def plot_layout(task: str, keys: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Where the end effector and the object sit in a concatenated observation."""
+    keys = list(keys or obs_keys(task))
+    widths = {"object": OBS_DIMS[task] - 9 * (2 if task == "transport" else 1),
+              "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2,
+              "robot1_eef_pos": 3, "robot1_eef_quat": 4, "robot1_gripper_qpos": 2}
+    offsets = dict(zip(keys, np.cumsum([0] + [widths[k] for k in keys[:-1]])))
+    layout = {}
+    if "robot0_eef_pos" in offsets:
+        layout["end effector"] = (int(offsets["robot0_eef_pos"]), int(offsets["robot0_eef_pos"]) + 3)
+    if "object" in offsets and task in OBJECT_POSITION:
+        start = int(offsets["object"]) + OBJECT_POSITION[task]
+        layout["object"] = (start, start + 3)
+    return layout
+
+
+def check_file_for_task(path: str | os.PathLike, task: str) -> dict:
+    """A file's env_args, after checking it exists, is hdf5 and holds `task`'s demos with
+    the task's action dimension; one clear error otherwise (before any work)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path {path!s} does not exist")
+    with _open(path) as f:
+        env_args = _env_args(f, path)
+        names = _demo_names(f["data"])
+        if not names:
+            raise RobomimicFormatError(f"{path}: data holds no demo_<i> groups")
+        first = f["data"][names[0]]
+        if "actions" not in first:
+            raise RobomimicFormatError(f"{path}: {names[0]} has no 'actions'")
+        action_dim = first["actions"].shape[-1]
+    if env_args["env_name"] != ENV_NAMES[validate_task_name(task)]:
+        raise RobomimicFormatError(f"{path}: its env_args name env {env_args['env_name']!r}, "
+                                   f"but task {task!r} is {ENV_NAMES[task]!r}")
+    if action_dim != ACTION_DIMS[task]:
+        raise RobomimicFormatError(f"{path}: its actions are {action_dim}-D; {task} takes "
+                                   f"{ACTION_DIMS[task]}-D actions")
+    return env_args
 
 
 def obs_keys(task: str) -> tuple[str, ...]:

@@ -64,12 +64,11 @@ from typing import Any
 import numpy as np
 
 from energyflow_jax.envs.base import StepResult
+from energyflow_jax.envs.rendering import FreeCameraRenderer
 
-# The rollout videos' view: a free camera over the table (the xml's fixed cameras
-# render rotated or upside down), no shadows, reflections or skybox, which cost
-# 4x the frame time in software GL (llvmpipe) for little a viewer needs.
+# The rollout videos' view (energyflow_jax.envs.rendering): over the table; the
+# xml's fixed cameras render rotated or upside down.
 VIDEO_CAMERA = {"lookat": (0.0, 0.65, 0.15), "distance": 1.5, "azimuth": 135.0, "elevation": -25.0}
-VIDEO_SIZE = (240, 320)  # height, width; multiples of 16 for the mp4 encoder
 
 # level -> (object x-y shift, hand start shift), metres.
 PERTURBATION_LEVELS: dict[str, tuple[float, float]] = {
@@ -236,7 +235,7 @@ class MetaWorldBatchedEnv:
         self._default_hand = [np.array(env.hand_init_pos, dtype=np.float64) for env in self._envs]
         self._obs_dim = int(self._envs[0].observation_space.shape[0])
         self._action_dim = int(self._envs[0].action_space.shape[0])
-        self._renderer = None  # made by the first render()
+        self._renderer = FreeCameraRenderer(VIDEO_CAMERA)
 
     @property
     def num_envs(self) -> int:
@@ -282,28 +281,12 @@ class MetaWorldBatchedEnv:
         return StepResult(obs, reward, success)
 
     def render(self, slot: int) -> np.ndarray:
-        """Slot's current frame, (height, width, 3) uint8, from the VIDEO_CAMERA view.
-
-        Needs an OpenGL backend for MuJoCo (MUJOCO_GL=egl or osmesa when headless);
-        the renderer is made on the first call and freed by close()."""
-        import mujoco
-
-        env = self._envs[slot]
-        if self._renderer is None:
-            self._renderer = mujoco.Renderer(env.model, *VIDEO_SIZE)
-            self._camera = mujoco.MjvCamera()
-            self._camera.lookat[:] = VIDEO_CAMERA["lookat"]
-            for key in ("distance", "azimuth", "elevation"):
-                setattr(self._camera, key, VIDEO_CAMERA[key])
-        self._renderer.update_scene(env.data, camera=self._camera)
-        for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
-            self._renderer.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
-        return self._renderer.render().copy()
+        """Slot's current frame, (height, width, 3) uint8, from the VIDEO_CAMERA view
+        (needs MuJoCo GL: MUJOCO_GL=egl or osmesa when headless)."""
+        return self._renderer.frame(self._envs[slot].model, self._envs[slot].data)
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        self._renderer.close()
         for env in self._envs:
             env.close()
         self._envs = []

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,11 +30,7 @@ from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS,
     MetaWorldSpec,
     resolve_perturbation,
 )
-from energyflow_jax.envs.workers import make_batched_env
-from energyflow_jax.evaluation import video
-from energyflow_jax.evaluation.plots import plot_rollout
-from energyflow_jax.evaluation.rollout import rollout
-from energyflow_jax.policy import Policy
+from energyflow_jax.evaluation.episodes import check_arguments, evaluate_spec
 from energyflow_jax.evaluation.statistics import pooled_success, wilson_interval  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -64,22 +58,6 @@ def make_expert_policy_fn(task: str, pred_horizon: int = 16) -> PolicyFn:
         return np.repeat(actions[:, None, :], pred_horizon, axis=1).astype(np.float32)
 
     return policy_fn
-
-
-def make_policy(config, model, dataset, ema_params) -> Policy:
-    """A Meta-World run's policy: EMA params (stacked for sweep members), the normalizers
-    the windows were made with, the sampler settings; actions clipped to the env's box."""
-    return Policy.create(model, config.model, config.diffusion, ema_params,
-                         dataset.obs_normalizer, dataset.action_normalizer, (-1.0, 1.0))
-
-
-def policy_rng(train_seed: int, eval_seed: int):
-    """The sampling key of a trained policy's evaluation on eval stream `eval_seed`;
-    replan i samples with fold_in(key, i). One rule for single runs and sweeps, so a
-    sweep member's episodes are the single run's."""
-    import jax
-
-    return jax.random.fold_in(jax.random.PRNGKey(int(train_seed)), 1_000 + int(eval_seed))
 
 
 def make_random_policy_fn(pred_horizon: int = 16, seed: int = 0, action_dim: int = demos.ACTION_DIM) -> PolicyFn:
@@ -151,100 +129,29 @@ def evaluate(
     (time inside the batched env step only), wall_time_s, perturbation and plot paths.
     """
     demos.validate_task_name(task)
-    if n_episodes < 1:
-        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-    if obs_horizon < 1 or exec_horizon < 1:
-        raise ValueError(f"obs_horizon and exec_horizon must be >= 1, got {obs_horizon}, {exec_horizon}")
-    if (n_plot > 0 or n_videos > 0) and out_dir is None:
-        raise ValueError("n_plot > 0 or n_videos > 0 needs an out_dir for the plots and videos")
+    check_arguments(n_episodes, obs_horizon, exec_horizon, n_plot, n_videos, out_dir)
     perturb = resolve_perturbation(perturbation)
-    num_envs = min(int(num_envs or n_episodes), n_episodes)
-    started = time.perf_counter()
-
     spec = eval_env_spec(task, n_episodes, seed, max_steps, perturb)
     rand_vecs = np.stack([demos.config_rand_vec(c) for c in spec.configs])
     if exclude_rand_vecs is not None:
         demos.assert_configs_disjoint(rand_vecs, exclude_rand_vecs)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_episodes, desc=f"eval {task} [{perturb.level}]", disable=not progress, unit="ep")
-    env = make_batched_env(spec, num_envs, num_workers)
-    try:
-        out = rollout(env, policy_fn, list(range(n_episodes)), obs_horizon, exec_horizon, max_steps,
-                      n_record=max(n_plot, n_videos), on_episode_end=lambda: bar.update(1))
-    finally:
-        env.close()
-        bar.close()
-
-    results: list[dict[str, Any]] = [{
-        "episode": ep,
-        "success": bool(out.success[ep]),
-        "steps": int(out.steps[ep]),
-        "return": float(out.returns[ep]),
-        "config_index": ep,
-        "rand_vec": rand_vecs[ep].tolist(),
-        **out.reset_infos[ep],
-    } for ep in range(n_episodes)]
-
+    result = evaluate_spec(policy_fn, spec, n_episodes, name=f"{task}_{perturb.level}",
+                           obs_horizon=obs_horizon, exec_horizon=exec_horizon,
+                           max_steps=max_steps, n_plot=n_plot, n_videos=n_videos,
+                           out_dir=out_dir, num_envs=num_envs, num_workers=num_workers,
+                           progress=progress,
+                           episode_facts=lambda ep: {"rand_vec": rand_vecs[ep].tolist()})
     if perturb.object_shift > 0:
-        moved = [np.linalg.norm(r["object_offset"]) for r in results]
+        moved = [np.linalg.norm(r["object_offset"]) for r in result["episodes"]]
         if np.median(moved) < 0.5 * perturb.object_shift:
             logger.warning(
                 "Object perturbation of %.3f m had little effect on %s (median realized shift "
                 "%.3f m): this task's object does not follow its layout vector", perturb.object_shift,
                 task, float(np.median(moved)))
-
-    plots = []
-    if n_plot > 0:
-        os.makedirs(out_dir, exist_ok=True)
-        for ep in sorted(out.trajectories)[:n_plot]:
-            r = results[ep]
-            outcome = "success" if r["success"] else "fail"
-            path = os.path.join(out_dir, f"{task}_{perturb.level}_ep{ep:03d}_{outcome}.png")
-            plot_rollout(path, out.trajectories[ep],
-                         f"{task}  eval config {ep}  perturbation {perturb.level}  "
-                         f"{outcome} in {r['steps']} steps")
-            plots.append(path)
-
-    videos, videos_skipped = [], None
-    if n_videos > 0:
-        videos_skipped = video.gl_unavailable()
-        if videos_skipped:
-            logger.warning("No rollout videos: %s", videos_skipped)
-        else:
-            videos = video.record_videos(spec, results, {ep: a for ep, a in out.actions.items()
-                                                         if ep < n_videos},
-                                         out_dir, f"{task}_{perturb.level}")
-            for v in videos:
-                if not v["replay_matches"]:
-                    logger.warning("The replay of episode %d for its video did not end as the "
-                                   "evaluation did; the video may differ from it", v["episode"])
-
-    n_successes = sum(r["success"] for r in results)
-    return {
-        "task": task,
-        "seed": int(seed),
-        "success_rate": n_successes / n_episodes,
-        "ci95": wilson_interval(n_successes, n_episodes),
-        "n_episodes": n_episodes,
-        "n_successes": int(n_successes),
-        "episodes": results,
-        "n_policy_calls": out.n_policy_calls,
-        "num_envs": num_envs,
-        "obs_horizon": obs_horizon,
-        "exec_horizon": exec_horizon,
-        "max_steps": max_steps,
-        "env_steps": out.env_steps,
-        "env_steps_per_s": out.env_steps / max(out.env_time_s, 1e-9),
-        "policy_time_s": out.policy_time_s,
-        "wall_time_s": time.perf_counter() - started,
-        "perturbation": {"level": perturb.level, "object_shift_m": perturb.object_shift,
-                         "hand_shift_m": perturb.hand_shift},
-        "plots": plots,
-        "videos": videos,
-        "videos_skipped": videos_skipped,
-    }
+    return {"task": task, "seed": int(seed), **result,
+            "perturbation": {"level": perturb.level, "object_shift_m": perturb.object_shift,
+                             "hand_shift_m": perturb.hand_shift}}
 
 
 def evaluate_perturbation_levels(policy_fn: PolicyFn, task: str, n_episodes: int, seed: int,

@@ -1,8 +1,14 @@
-"""Meta-World v3 imitation: scripted-expert demos -> train -> evaluate -> report.
+"""Imitation on Meta-World v3 or RoboMimic: demos -> train -> evaluate -> report.
 
   python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw
   python -m energyflow_jax.main --config=sweeps/metaworld.py --workdir=runs/mw_free \
       --config.model.kind=free        # the vector-field baseline, same everything else
+  python -m energyflow_jax.main --config=sweeps/robomimic.py --workdir=runs/lift
+
+What differs between the benchmarks (where demos come from, how a policy is
+evaluated, which perturbation levels exist, the published numbers) is a
+:class:`MetaWorld` or :class:`Robomimic` benchmark object below; training,
+evaluation bookkeeping, reports and summaries are shared.
 
 One run per (task, training seed). With one task and one seed the run lives in
 --workdir itself; with `config.tasks` and/or `config.seeds` each run gets
@@ -26,8 +32,10 @@ import numpy as np
 from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.data import metaworld as demos
-from energyflow_jax.data.windows import make_dataset
-from energyflow_jax.evaluation import metaworld_eval
+from energyflow_jax.data import robomimic, robomimic_demos, robomimic_sim
+from energyflow_jax.data.windows import make_dataset, validate_episodes
+from energyflow_jax.evaluation import metaworld_eval, robomimic_eval
+from energyflow_jax.evaluation.episodes import make_policy, policy_rng
 from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.policy import as_numpy_policy
@@ -37,23 +45,108 @@ from energyflow_jax.training.loop import fit, write_report
 # --------------------------------------------------------------------------- helpers
 
 
-def _tasks(config) -> list[str]:
-    tasks = list(config.tasks) if config.tasks else [config.task]
-    for task in tasks:  # before any work: a typo should fail in seconds, not after training
-        demos.validate_task_name(task)
-    return tasks
-
-
 def _seeds(config) -> list[int]:
     return [int(s) for s in config.seeds] if config.seeds else [int(config.seed)]
 
 
-def _eval_levels(config) -> list[str]:
-    """Level "0" first, then the requested OOD levels; checked before any work."""
-    if not config.eval.seeds:
-        raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
-    requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
-    return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
+class MetaWorld:
+    """Meta-World v3: scripted-expert demos (cached .npz), eval configs disjoint from the
+    demos', OOD perturbation levels, the published (v2) table."""
+
+    name = "Meta-World v3"
+    published = demos.PUBLISHED_SUCCESS
+    published_note = "published numbers: Meta-World v2"
+    short_name = staticmethod(demos.short_name)
+
+    @staticmethod
+    def tasks(config) -> list[str]:
+        tasks = list(config.tasks) if config.tasks else [config.task]
+        for task in tasks:  # before any work: a typo should fail in seconds, not after training
+            demos.validate_task_name(task)
+        return tasks
+
+    @staticmethod
+    def eval_levels(config) -> list[str]:
+        """Level "0" first, then the requested OOD levels; checked before any work."""
+        if not config.eval.seeds:
+            raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+        requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
+        return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
+
+    @staticmethod
+    def load_demos(config, workdir: str, task: str, progress: bool) -> tuple[list[dict], dict]:
+        cache_path = demos.demo_cache_path(config, workdir, task)
+        episodes = demos.load_or_collect(cache_path, task, config.data.n_demos,
+                                         config.data.demo_seed, max_steps=config.data.max_steps,
+                                         progress=progress)
+        _, provenance = demos.read_demo_cache(cache_path)
+        return episodes, {"cache_path": cache_path, "provenance": provenance,
+                          "rand_vecs": np.stack([ep["rand_vec"] for ep in episodes])}
+
+    @staticmethod
+    def evaluate(config, policy_fn, task: str, eval_seed: int, level: str, demo_info: dict,
+                 **kwargs) -> dict:
+        return metaworld_eval.evaluate(policy_fn, task, config.eval.n_episodes, int(eval_seed),
+                                       perturbation=level, max_steps=config.eval.max_steps,
+                                       exclude_rand_vecs=demo_info["rand_vecs"], **kwargs)
+
+
+class Robomimic:
+    """RoboMimic (robosuite): an official low_dim file (`data.path`) or scripted demos
+    written in that format; held-out eval layouts; no perturbation levels."""
+
+    name = "RoboMimic"
+    published = robomimic.PUBLISHED_SUCCESS
+    published_note = "published numbers: proficient-human datasets"
+    short_name = staticmethod(str)
+
+    @staticmethod
+    def tasks(config) -> list[str]:
+        tasks = list(config.tasks) if config.tasks else [config.task]
+        for task in tasks:
+            robomimic.validate_task_name(task)
+            if not config.data.path and task not in robomimic_demos.EXPERT_TASKS:
+                raise ValueError(f"no scripted expert for {task} (experts: "
+                                 f"{', '.join(robomimic_demos.EXPERT_TASKS)}); give an official "
+                                 f"file with --config.data.path=FILE.hdf5")
+        if config.data.path:
+            if len(tasks) > 1:
+                raise ValueError("data.path holds one task's demos; give one task")
+            robomimic.check_file_for_task(config.data.path, tasks[0])
+        return tasks
+
+    @staticmethod
+    def eval_levels(config) -> list[str]:
+        if not config.eval.seeds:
+            raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+        return ["0"]
+
+    @staticmethod
+    def load_demos(config, workdir: str, task: str, progress: bool) -> tuple[list[dict], dict]:
+        if config.data.path:
+            path, provenance = config.data.path, {"source": "official file"}
+        else:
+            cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
+            path = os.path.join(cache_dir, f"{task}_n{config.data.n_demos}"
+                                           f"_seed{config.data.demo_seed}.hdf5")
+            robomimic_demos.load_or_collect(path, task, config.data.n_demos, config.data.demo_seed,
+                                            robomimic_sim.BUDGETS[task], progress=progress)
+            provenance = robomimic_demos.read_provenance(path)
+        episodes, info = robomimic.read_low_dim(path, task, filter_key=config.data.filter_key or None)
+        provenance = dict(provenance, n_episodes=len(episodes), filter_key=info["filter_key"])
+        return episodes, {"cache_path": path, "provenance": provenance,
+                          "env_args": info["env_args"],
+                          "starts": np.stack([ep["obs"][0, :3] for ep in episodes])}
+
+    @staticmethod
+    def evaluate(config, policy_fn, task: str, eval_seed: int, level: str, demo_info: dict,
+                 **kwargs) -> dict:
+        return robomimic_eval.evaluate(policy_fn, demo_info["env_args"], config.eval.n_episodes,
+                                       int(eval_seed), max_steps=config.eval.max_steps or None,
+                                       exclude_starts=demo_info["starts"], **kwargs)
+
+
+BENCHMARKS = {"metaworld": MetaWorld, "robomimic": Robomimic}
 
 
 # --------------------------------------------------------------------------- one run
@@ -61,6 +154,7 @@ def _eval_levels(config) -> list[str]:
 
 def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> dict:
     """Demos -> windows + normalizers -> fit -> evaluate EMA params -> report files."""
+    bench = BENCHMARKS[config.experiment]
     run_dir.check_workdir_settings(workdir, config.to_dict())  # before collecting anything
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
@@ -68,45 +162,41 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
     progress = bool(config.log.progress) and run_dir.is_main_process()
 
     t0 = time.perf_counter()
-    cache_path = demos.demo_cache_path(config, workdir, task)
-    episodes = demos.load_or_collect(cache_path, task, config.data.n_demos, config.data.demo_seed,
-                                     max_steps=config.data.max_steps, progress=progress)
-    _, provenance = demos.read_demo_cache(cache_path)
+    episodes, demo_info = bench.load_demos(config, workdir, task, progress)
+    obs_dim, action_dim = validate_episodes(episodes)
     timing["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     dataset = make_dataset(episodes, config.data.obs_horizon, config.data.pred_horizon)
     model = EnergyFlowModel.create(
-        config.model, obs_shape=(config.data.obs_horizon, demos.OBS_DIM),
-        action_shape=(config.data.pred_horizon, demos.ACTION_DIM))
+        config.model, obs_shape=(config.data.obs_horizon, obs_dim),
+        action_shape=(config.data.pred_horizon, action_dim))
     state, info = fit(config, workdir, model, dataset.arrays(),
-                      make_policy=lambda ema_params: metaworld_eval.make_policy(
+                      make_policy=lambda ema_params: make_policy(
                           config, model, dataset, ema_params))
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     # Gathered onto the default device: training may have replicated them over a mesh.
-    policy = metaworld_eval.make_policy(config, model, dataset,
+    policy = make_policy(config, model, dataset,
                                         jax.device_put(jax.device_get(state.ema_params)))
     # Compile once up front, at the evaluator's batch shape, so latency excludes it.
     num_envs = min(config.eval.num_envs or config.eval.n_episodes, config.eval.n_episodes)
     t_compile = time.perf_counter()
     jax.block_until_ready(policy.act(np.zeros((num_envs, *model.obs_shape)), jax.random.PRNGKey(0)))
     timing["policy_compile_s"] = time.perf_counter() - t_compile
-    demo_rand_vecs = np.stack([ep["rand_vec"] for ep in episodes])
     eval_kwargs = dict(obs_horizon=config.data.obs_horizon, exec_horizon=config.data.exec_horizon,
-                       max_steps=config.eval.max_steps, num_envs=config.eval.num_envs or None,
-                       num_workers=config.eval.num_workers,
-                       exclude_rand_vecs=demo_rand_vecs, progress=progress)
-    levels = _eval_levels(config)
+                       num_envs=config.eval.num_envs or None, num_workers=config.eval.num_workers,
+                       progress=progress)
+    levels = bench.eval_levels(config)
     results: dict[str, list[dict]] = {lv: [] for lv in levels}
     for eval_seed in config.eval.seeds:
         for level in levels:
             plot = level == "0" and eval_seed == config.eval.seeds[0]
-            rng = metaworld_eval.policy_rng(config.seed, eval_seed)
+            rng = policy_rng(config.seed, eval_seed)
             policy_fn = as_numpy_policy(policy, rng)
-            results[level].append(metaworld_eval.evaluate(
-                policy_fn, task, config.eval.n_episodes, int(eval_seed), perturbation=level,
+            results[level].append(bench.evaluate(
+                config, policy_fn, task, eval_seed, level, demo_info,
                 n_plot=config.eval.n_plot if plot else 0,
                 n_videos=config.eval.n_videos if plot else 0,
                 out_dir=os.path.join(workdir, "rollouts"), **eval_kwargs))
@@ -125,11 +215,10 @@ def run_single(config: ml_collections.ConfigDict, workdir: str, task: str) -> di
         "episodes": [{"seed": r["seed"], "episode": ep["episode"], "success": ep["success"],
                       "steps": ep["steps"]} for r in results["0"] for ep in r["episodes"]],
         "episodes_path": episodes_path,
-        "ood": ({lv: pooled_success(rs) for lv, rs in results.items()}
-                if config.eval.ood_levels else {}),
+        "ood": ({lv: pooled_success(rs) for lv, rs in results.items()} if len(levels) > 1 else {}),
         "policy_latency_ms": 1e3 * sum(r["policy_time_s"] for rs in results.values() for r in rs)
         / max(1, sum(r["n_policy_calls"] for rs in results.values() for r in rs)),
-        "demos": {"cache_path": cache_path, "provenance": provenance,
+        "demos": {"cache_path": demo_info["cache_path"], "provenance": demo_info["provenance"],
                   "n_windows": int(dataset.num_windows)},
         "rollout_plots": [p for r in results["0"] for p in r["plots"]],
         "rollout_videos": [v for r in results["0"] for v in r["videos"]],
@@ -197,15 +286,15 @@ def plot_summary(path: str, report: dict, metrics: list[dict]) -> None:
     fig.savefig(path, dpi=80)
 
 
-def aggregate_markdown(rows: list[dict], kind: str) -> str:
-    """Mean success over training seeds per task, beside the published (v2) numbers."""
-    lines = [f"# Meta-World v3, model.kind={kind} (published numbers: Meta-World v2)", "",
+def aggregate_markdown(rows: list[dict], kind: str, bench=MetaWorld) -> str:
+    """Mean success over training seeds per task, beside the published numbers."""
+    lines = [f"# {bench.name}, model.kind={kind} ({bench.published_note})", "",
              "| task | ours % (mean over seeds) | seeds | per seed % | EnergyFlow (paper) | "
              "Diffusion Policy (paper) |", "|---|---|---|---|---|---|"]
     ours_all, paper_all = [], []
     for row in rows:
-        short = demos.short_name(row["task"])
-        paper = {name: table.get(short) for name, table in demos.PUBLISHED_SUCCESS.items()}
+        short = bench.short_name(row["task"])
+        paper = {name: table.get(short) for name, table in bench.published.items()}
         ours_all.append(row["mean_success_rate"])
         if paper["EnergyFlow"] is not None:
             paper_all.append(paper)
@@ -227,9 +316,10 @@ def aggregate_markdown(rows: list[dict], kind: str) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
     config_lib.validate(config)
-    tasks = _tasks(config)
+    bench = BENCHMARKS[config.experiment]
+    tasks = bench.tasks(config)
     seeds = _seeds(config)
-    _eval_levels(config)
+    bench.eval_levels(config)
     if len(tasks) == 1 and len(seeds) == 1:
         with config.unlocked():
             config.seed = seeds[0]
@@ -253,10 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows.append({"task": task, "mean_success_rate": float(np.mean(rates)),
                      "per_seed_success_rate": rates,
                      "reports": [os.path.join(task, f"seed{s}", "report.json") for s in seeds]})
-    markdown = aggregate_markdown(rows, config.model.kind)
+    markdown = aggregate_markdown(rows, config.model.kind, bench)
     aggregate = {"config": config.to_dict(), "tasks": rows,
                  "mean_success_rate": float(np.mean([r["mean_success_rate"] for r in rows])),
-                 "published_success_v2": demos.PUBLISHED_SUCCESS,
+                 "published_success": bench.published,
                  "wall_time_s": time.perf_counter() - t0}
     if run_dir.is_main_process():
         run_dir.write_json(os.path.join(workdir, "report.json"), aggregate)

@@ -16,6 +16,7 @@ from energyflow_jax.data import toy
 from energyflow_jax.data.windows import make_dataset
 from energyflow_jax.envs.workers import make_batched_env
 from energyflow_jax.evaluation import metaworld_eval
+from energyflow_jax.evaluation.episodes import make_policy, policy_rng
 from energyflow_jax.evaluation.rollout import rollout
 from energyflow_jax.evaluation.statistics import pooled_success
 from energyflow_jax.models import EnergyFlowModel
@@ -155,7 +156,7 @@ class MetaWorldTask:
         gcfg, dataset, task = group.config, context["dataset"], context["task"]
         n_members, n = len(group.members), gcfg.eval.n_episodes
         params = jax.device_put(jax.device_get(state.ema_params))
-        policy = metaworld_eval.make_policy(gcfg, model, dataset, params)
+        policy = make_policy(gcfg, model, dataset, params)
         seeds = [m.seed for m in group.members]
         per_seed = [[] for _ in group.members]
         for eval_seed in gcfg.eval.seeds:
@@ -164,7 +165,7 @@ class MetaWorldTask:
             demos.assert_configs_disjoint(rand_vecs, context["demo_rand_vecs"])
             # Layout id m * n + i is member m's episode i on eval config i.
             spec = dataclasses.replace(spec, configs=spec.configs * n_members)
-            base = jnp.stack([metaworld_eval.policy_rng(s, eval_seed) for s in seeds])
+            base = jnp.stack([policy_rng(s, eval_seed) for s in seeds])
             calls = itertools.count()
 
             def act(obs_history, base=base, calls=calls):
