@@ -159,6 +159,7 @@ _RANGES = {
     "data.exec_horizon": _int_at_least(1),
     "data.n_demos": _int_at_least(1),
     "data.max_steps": _int_at_least(1),
+    "data.num_workers": _int_at_least(0),
     "diffusion.sigma_min": _number(lambda x: x > 0, "a number > 0"),
     "diffusion.sigma_max": _number(lambda x: x > 0, "a number > 0"),
     "diffusion.T": _number(lambda x: x > 0, "a number > 0"),

@@ -43,6 +43,13 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"unknown experiment {config.experiment!r}; known: {sorted(EXPERIMENTS)}")
     module_name, fn_name = EXPERIMENTS[config.experiment].split(":")
     config_lib.validate(config)  # before the lock file or anything else is written
+    module = importlib.import_module(module_name)
+    check = getattr(module, "check", None)  # an experiment's own inputs (tasks, data files)
+    if check is not None:
+        try:
+            check(config)
+        except (ValueError, FileNotFoundError) as e:
+            raise config_lib.ConfigError(str(e)) from e
     train_config = config.get("train")
     if train_config is not None and train_config.get("distributed", False):
         # Once per process, before any device is touched; a run may call fit()
@@ -50,7 +57,7 @@ def run(config, workdir: str) -> dict:
         jax.distributed.initialize()
     # One process per workdir: a second one fails here, naming the first one's pid.
     with run_dir.workdir_lock(workdir):
-        return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+        return getattr(module, fn_name)(config, workdir)
 
 
 def _interrupted(workdir: str, signum, frame) -> None:

@@ -40,6 +40,7 @@ def _default(c):
     c.optim.ema_decay = 0.999
     c.train.steps_per_chunk = 250
     c.train.checkpoint_every_chunks = 4
+    c.data.num_workers = 2
     c.eval.num_workers = 2
 
 
@@ -86,6 +87,7 @@ def get_config(preset=None):
     c.data.n_demos = 100          # scripted demos (ignored with data.path)
     c.data.demo_seed = 0          # layout stream of the scripted demos ("demo" split)
     c.data.cache_dir = ""         # "" -> <workdir>/demos
+    c.data.num_workers = 0        # processes rolling out scripted demos; 0 -> this one
     c.eval = ml_collections.ConfigDict(dict(
         n_episodes=50,
         seeds=(0,),               # eval layout streams ("eval" split, disjoint from demos)

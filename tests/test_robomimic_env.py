@@ -147,3 +147,43 @@ def test_a_task_without_an_expert_needs_a_file(tmp_path):
     with pytest.raises(ValueError, match="no scripted expert for square .* --config.data.path"):
         imitation.train_and_evaluate(tiny(task="square"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_task_builds_with_the_datasets_dimensions():
+    """obs 19/23/23/59/53, states 32/71/45/115/58, actions 7 (14 for transport)."""
+    states = {"lift": 32, "can": 71, "square": 45, "transport": 115, "tool_hang": 58}
+    for task in ("square", "transport", "tool_hang"):  # lift and can: the tests above
+        sim = robomimic_sim.RobomimicSim(robomimic_sim.default_env_args(task))
+        try:
+            assert sim.obs().shape == (robomimic.OBS_DIMS[task],), task
+            assert sim.state().shape == (states[task],) and sim.env.action_dim == robomimic.ACTION_DIMS[task]
+            layout = robomimic.plot_layout(task)
+            eef = sim.obs()[slice(*layout["end effector"])]
+            np.testing.assert_allclose(eef, sim.raw["robot0_eef_pos"])
+        finally:
+            sim.close()
+
+
+def test_cli_refuses_a_bad_data_path_with_one_line_and_no_workdir(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "energyflow_jax.main",
+                           "--config=sweeps/robomimic.py:tiny", f"--workdir={workdir}",
+                           f"--config.data.path={tmp_path / 'nope.hdf5'}"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: data.path {tmp_path / 'nope.hdf5'} does not exist"
+    assert not workdir.exists()
+
+
+def test_demos_collected_in_worker_processes_are_the_same(lift_file):
+    """An episode depends on its layout only: two spawned workers give the file's demos."""
+    episodes, tried = robomimic_demos.collect_demos("lift", 2, 0, 400, num_workers=2)
+    stored, _ = robomimic.read_low_dim(lift_file, "lift")
+    assert tried == 2 and [ep["layout_index"] for ep in episodes] == [0, 1]
+    for ep, ref in zip(episodes, stored):
+        np.testing.assert_array_equal(ep["actions"].astype(np.float32), ref["actions"])
+        np.testing.assert_array_equal(ep["states"], ref["states"])

@@ -139,9 +139,24 @@ def rollout_expert(sim: RobomimicSim, index: int, seed: int, max_steps: int) -> 
             "model_file": sim.model_xml(), "success": success, "layout_index": index}
 
 
+_WORKER_SIM: dict[str, RobomimicSim] = {}  # in a collection worker process: its env
+
+
+def _worker_rollout(task: str, index: int, seed: int, max_steps: int) -> dict[str, Any]:
+    if task not in _WORKER_SIM:
+        _WORKER_SIM[task] = RobomimicSim(default_env_args(task))
+    return rollout_expert(_WORKER_SIM[task], index, seed, max_steps)
+
+
 def collect_demos(task: str, n_demos: int, seed: int, max_steps: int | None = None,
-                  progress: bool = False, max_attempts_factor: int = 3) -> tuple[list[dict], int]:
-    """n_demos successful expert episodes (failed ones skipped): (episodes, attempts)."""
+                  progress: bool = False, num_workers: int = 0,
+                  max_attempts_factor: int = 3) -> tuple[list[dict], int]:
+    """The expert's first n_demos successes over demo layouts 0, 1, ...: (episodes,
+    layouts tried). num_workers > 0 rolls layouts out in that many spawned processes;
+    an episode depends on its layout only, so the demos are the same either way."""
+    import concurrent.futures
+    import multiprocessing
+
     from tqdm.auto import tqdm
 
     from energyflow_jax.data.robomimic_sim import BUDGETS
@@ -149,24 +164,37 @@ def collect_demos(task: str, n_demos: int, seed: int, max_steps: int | None = No
     if task not in EXPERT_TASKS:
         raise ValueError(f"no scripted expert for {task}; experts exist for "
                          f"{', '.join(EXPERT_TASKS)} (use an official file: data.path)")
-    sim = RobomimicSim(default_env_args(task))
     max_steps = int(max_steps or BUDGETS[task])
-    episodes, index = [], 0
+    pool = (concurrent.futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"))
+            if num_workers > 0 else None)
     bar = tqdm(total=n_demos, desc=f"demos {task}", unit="demo", disable=not progress)
+    by_index, tried, sim = {}, 0, None
     try:
-        while len(episodes) < n_demos:
-            if index >= max_attempts_factor * n_demos:
-                raise RuntimeError(f"the {task} expert succeeded in {len(episodes)} of {index} "
+        while sum(ep["success"] for ep in by_index.values()) < n_demos:
+            if tried >= max_attempts_factor * n_demos:
+                raise RuntimeError(f"the {task} expert succeeded in "
+                                   f"{sum(ep['success'] for ep in by_index.values())} of {tried} "
                                    f"layouts; {n_demos} demos were asked for")
-            episode = rollout_expert(sim, index, seed, max_steps)
-            index += 1
-            if episode["success"]:
-                episodes.append(episode)
-                bar.update(1)
+            # As many layouts as successes are missing, in parallel where there are workers.
+            batch = range(tried, tried + n_demos - sum(ep["success"] for ep in by_index.values()))
+            tried = batch.stop
+            if pool is None:
+                sim = sim or RobomimicSim(default_env_args(task))
+                runs = (rollout_expert(sim, i, seed, max_steps) for i in batch)
+            else:
+                runs = (f.result() for f in concurrent.futures.as_completed(
+                    [pool.submit(_worker_rollout, task, i, seed, max_steps) for i in batch]))
+            for episode in runs:
+                by_index[episode["layout_index"]] = episode
+                bar.update(int(episode["success"]))
     finally:
         bar.close()
-        sim.close()
-    return episodes, index
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if sim is not None:
+            sim.close()
+    episodes = [by_index[i] for i in sorted(by_index) if by_index[i]["success"]]
+    return episodes[:n_demos], tried
 
 
 def package_versions() -> dict[str, str]:
@@ -205,7 +233,7 @@ def write_demos(path: str | os.PathLike, task: str, episodes: list[dict], proven
 
 
 def load_or_collect(path: str | os.PathLike, task: str, n_demos: int, seed: int,
-                    max_steps: int, progress: bool = False) -> str:
+                    max_steps: int, progress: bool = False, num_workers: int = 0) -> str:
     """A generated demo file for (task, n_demos, seed, max_steps) at `path`, made if needed.
 
     A file whose provenance differs from the request is rebuilt, with a warning
@@ -221,7 +249,8 @@ def load_or_collect(path: str | os.PathLike, task: str, n_demos: int, seed: int,
             return path
         logger.warning("Demo file %s does not match the request (%s); rebuilding it", path,
                        "; ".join(mismatch))
-    episodes, attempts = collect_demos(task, n_demos, seed, max_steps, progress=progress)
+    episodes, attempts = collect_demos(task, n_demos, seed, max_steps, progress=progress,
+                                       num_workers=num_workers)
     provenance = dict(wanted, n_attempts=attempts, expert_success_rate=n_demos / attempts,
                       kept="successful episodes only",
                       episode_end="first step with the env's success check, else max_steps",

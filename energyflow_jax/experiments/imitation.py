@@ -130,7 +130,8 @@ class Robomimic:
             path = os.path.join(cache_dir, f"{task}_n{config.data.n_demos}"
                                            f"_seed{config.data.demo_seed}.hdf5")
             robomimic_demos.load_or_collect(path, task, config.data.n_demos, config.data.demo_seed,
-                                            robomimic_sim.BUDGETS[task], progress=progress)
+                                            robomimic_sim.BUDGETS[task], progress=progress,
+                                            num_workers=config.data.num_workers)
             provenance = robomimic_demos.read_provenance(path)
         episodes, info = robomimic.read_low_dim(path, task, filter_key=config.data.filter_key or None)
         provenance = dict(provenance, n_episodes=len(episodes), filter_key=info["filter_key"])
@@ -313,13 +314,21 @@ def aggregate_markdown(rows: list[dict], kind: str, bench=MetaWorld) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Everything that can be refused before any work: values, tasks, eval levels and
+    (RoboMimic) the data file. Raises ValueError (or FileNotFoundError) naming the problem."""
+    config_lib.validate(config)
+    bench = BENCHMARKS[config.experiment]
+    bench.tasks(config)
+    bench.eval_levels(config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
-    config_lib.validate(config)
+    check(config)
     bench = BENCHMARKS[config.experiment]
     tasks = bench.tasks(config)
     seeds = _seeds(config)
-    bench.eval_levels(config)
     if len(tasks) == 1 and len(seeds) == 1:
         with config.unlocked():
             config.seed = seeds[0]
