@@ -15,12 +15,12 @@ or `data.filter_key`'s (e.g. "train"). Evaluation: held-out layouts in the env t
 file's env_args describe, the task's budget (400 or 700 steps).
 
 Presets:
-  default  CPU-sized: lift, MLP energy, 100 scripted demos.
+  default  CPU-sized: lift, MLP energy, 200 scripted demos, 15k steps.
   paper    the published recipe: U-Net (64,128,256), 100k steps, batch 256, lr 1e-4,
            EMA 0.9999, 3 training seeds, 50 rollouts; accelerator-sized.
   tiny     seconds, for tests.
 
-Results of these commands: docs/results.md.
+Results of these commands: docs/results.md (RoboMimic).
 """
 import ml_collections
 
@@ -35,7 +35,7 @@ def _default(c):
     c.model.state_emb_dim = 64
     c.model.time_emb_dim = 64
     c.optim.learning_rate = 2e-3
-    c.optim.total_steps = 6000
+    c.optim.total_steps = 15_000
     c.optim.warmup_steps = 200
     c.optim.ema_decay = 0.999
     c.train.steps_per_chunk = 250
@@ -47,7 +47,6 @@ def _default(c):
 def _paper(c):
     """The published recipe (NOTES.md): base_config's network and optimizer as is."""
     c.seeds = (0, 1, 2)
-    c.data.n_demos = 200
     c.train.steps_per_chunk = 1000
 
 
@@ -84,7 +83,7 @@ def get_config(preset=None):
     c.seeds = ()                  # training seeds; () means (c.seed,)
     c.data.path = ""              # an official low_dim hdf5; "" -> scripted demos (lift, can)
     c.data.filter_key = ""        # mask/<filter_key> of the file; "" -> every demo
-    c.data.n_demos = 100          # scripted demos (ignored with data.path)
+    c.data.n_demos = 200          # scripted demos (ignored with data.path)
     c.data.demo_seed = 0          # layout stream of the scripted demos ("demo" split)
     c.data.cache_dir = ""         # "" -> <workdir>/demos
     c.data.num_workers = 0        # processes rolling out scripted demos; 0 -> this one

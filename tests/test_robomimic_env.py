@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # robosuite envs: a few seconds each, numba compi
 
 @pytest.fixture(scope="module")
 def lift_file(tmp_path_factory):
-    """Two scripted Lift demos, written as the official files are, plus a 20_percent mask."""
+    """Three scripted Lift demos, written as the official files are, plus a 20_percent mask."""
     path = tmp_path_factory.mktemp("rm") / "lift.hdf5"
     robomimic_demos.load_or_collect(path, "lift", 3, 0, 400)
     with h5py.File(path, "r+") as f:
@@ -73,12 +73,18 @@ def test_layouts_are_seeded_held_out_and_leave_numpy_alone(lift_file):
         assert np.random.rand() == expected_draw  # the global generator is put back
         np.testing.assert_array_equal(first[0], again[1])
         assert np.abs(first[0] - first[1]).max() > 1e-3 and first.shape == (2, 19)
-        starts = np.stack([ep["obs"][0, :3] for ep in episodes])
-        robomimic_eval.assert_layouts_disjoint(np.array([i["object_start"] for i in infos]), starts)
+        assert infos == [{"layout": 0}, {"layout": 1}]
+        starts = robomimic.object_start("lift", np.stack([ep["obs"][0] for ep in episodes]))
+        eval_starts = robomimic_eval.layout_starts(spec)
+        np.testing.assert_array_equal(eval_starts[:2], first[:, :3])  # lift: cube_pos first
+        robomimic_eval.assert_layouts_disjoint(eval_starts, starts)
         with pytest.raises(ValueError, match="evaluation layout 0 starts its object where demo 0"):
             robomimic_eval.assert_layouts_disjoint(starts[:1], starts)
         result = env.step(np.zeros((2, 7)), np.array([True, False]))
         assert result.obs.shape == (2, 19) and not result.obs[1].any()
+        # reset_to: a slot put in a demo's recorded first state observes its obs[0].
+        np.testing.assert_allclose(env.reset_to(1, episodes[0]["states"][0]),
+                                   episodes[0]["obs"][0], atol=1e-6)
     finally:
         env.close()
 

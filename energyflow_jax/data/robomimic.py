@@ -74,6 +74,13 @@ def plot_layout(task: str, keys: Sequence[str] | None = None) -> dict[str, tuple
     return layout
 
 
+def object_start(task: str, first_obs: np.ndarray) -> np.ndarray:
+    """(..., 3) where a layout puts the object: its world position (lift, can, square),
+    else the first three object values (a fingerprint of the layout)."""
+    start = OBJECT_POSITION.get(task, 0)
+    return np.asarray(first_obs)[..., start:start + 3]
+
+
 def check_file_for_task(path: str | os.PathLike, task: str) -> dict:
     """A file's env_args, after checking it exists, is hdf5 and holds `task`'s demos with
     the task's action dimension; one clear error otherwise (before any work)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -86,7 +87,7 @@ def task_of(env_args: Mapping[str, Any]) -> str:
     return by_env[name]
 
 
-def robosuite_kwargs(env_args: Mapping[str, Any], offscreen: bool = False) -> dict[str, Any]:
+def robosuite_kwargs(env_args: Mapping[str, Any]) -> dict[str, Any]:
     """env_kwargs as robosuite 1.5 takes them (controller converted, lite_physics explicit)."""
     from robosuite.controllers.composite.composite_controller_factory import (
         refactor_composite_controller_config,
@@ -100,7 +101,8 @@ def robosuite_kwargs(env_args: Mapping[str, Any], offscreen: bool = False) -> di
         kwargs["controller_configs"] = refactor_composite_controller_config(
             controller, robots[0], ["right", "left"] if robots[0] in ("GR1", "Tiago") else ["right"])
     kwargs.setdefault("lite_physics", False)
-    kwargs.update(_FORCED, has_offscreen_renderer=bool(offscreen), hard_reset=False)
+    # Videos render with mujoco.Renderer on the MjModel, not robosuite's renderer.
+    kwargs.update(_FORCED, has_offscreen_renderer=False, hard_reset=False)
     for key in ("camera_names", "camera_heights", "camera_widths", "camera_depths"):
         kwargs.pop(key, None)  # no cameras: the low_dim observations only
     return kwargs
@@ -132,21 +134,30 @@ class RobomimicSim:
     keys in order (default :func:`obs_keys` of the task).
     """
 
-    def __init__(self, env_args: Mapping[str, Any] | str, keys=None, offscreen: bool = False):
+    def __init__(self, env_args: Mapping[str, Any] | str, keys=None):
         import robosuite
 
+        # robosuite logs each controller config it loads at INFO, twice per env; a level
+        # the user set is kept.
+        robosuite_logger = logging.getLogger("robosuite_logs")
+        if robosuite_logger.level <= logging.INFO:
+            robosuite_logger.setLevel(logging.WARNING)
         self.env_args = json.loads(env_args) if isinstance(env_args, str) else dict(env_args)
         self.task = task_of(self.env_args)
         self.keys = tuple(keys or obs_keys(self.task))
         with _global_numpy_seed(0):  # construction draws a layout too
-            self.env = robosuite.make(self.env_args["env_name"],
-                                      **robosuite_kwargs(self.env_args, offscreen))
-            self.env.reset()  # robosuite.make leaves the observables' modalities unset
-        if self.env.action_dim != ACTION_DIMS[self.task]:
-            raise ValueError(f"{self.task}: the env takes {self.env.action_dim}-D actions, "
-                             f"the datasets {ACTION_DIMS[self.task]}-D")
-        self.raw: dict[str, np.ndarray] = {}
-        self._observe(passes=2)
+            self.env = robosuite.make(self.env_args["env_name"], **robosuite_kwargs(self.env_args))
+        try:
+            with _global_numpy_seed(0):
+                self.env.reset()  # robosuite.make leaves the observables' modalities unset
+            if self.env.action_dim != ACTION_DIMS[self.task]:
+                raise ValueError(f"{self.task}: the env takes {self.env.action_dim}-D actions, "
+                                 f"the datasets {ACTION_DIMS[self.task]}-D")
+            self.raw: dict[str, np.ndarray] = {}
+            self._observe(passes=2)
+        except BaseException:
+            self.env.close()
+            raise
 
     def _observe(self, passes: int = 1) -> None:
         # Relative sensors read the cache of the pass before (module docstring): after a
@@ -206,9 +217,9 @@ class RobomimicSim:
         self.env.close()
 
 
-def make_sim(env_args: str, keys: tuple[str, ...] | None = None) -> RobomimicSim:
+def make_sim(env_args: str) -> RobomimicSim:
     """A picklable constructor (env_args as a JSON string) for worker processes."""
-    return RobomimicSim(env_args, keys)
+    return RobomimicSim(env_args)
 
 
 __all__ = ["BUDGETS", "ENV_NAMES", "TASKS", "RobomimicSim", "default_env_args", "layout_seed",

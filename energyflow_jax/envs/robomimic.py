@@ -3,7 +3,7 @@
 How a task's env is built and observed lives with the dataset code
 (``energyflow_jax.data.robomimic_sim``: ``data`` and ``envs`` are sibling layers
 that may not import each other), so a :class:`RobomimicSpec` is *given* a
-picklable ``make_sim`` (``functools.partial(robomimic_sim.make_sim, env_args)``);
+picklable ``make_sim`` (``functools.partial(robomimic_sim.make_sim, env_args_json)``);
 the evaluation layer assembles it. Being picklable, a spec builds the same envs
 in worker processes (``energyflow_jax.envs.workers``).
 
@@ -23,7 +23,7 @@ from energyflow_jax.envs.base import StepResult
 from energyflow_jax.envs.rendering import FreeCameraRenderer
 
 # The rollout videos' view (energyflow_jax.envs.rendering): in front of the table.
-VIDEO_CAMERA = {"lookat": (0.0, 0.0, 0.95), "distance": 1.6, "azimuth": 180.0, "elevation": -25.0}
+VIDEO_CAMERA = {"lookat": (0.0, 0.0, 0.9), "distance": 1.2, "azimuth": 180.0, "elevation": -25.0}
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,8 @@ class RobomimicSpec:
 class RobomimicBatchedEnv:
     """``num_envs`` robosuite envs stepped in a loop on the host.
 
-    Reset infos: ``layout`` (the layout id) and ``object_start`` (the first three
-    object observations, the object position for every task). Inactive slots'
-    rows are zeros.
+    Reset infos: ``layout`` (the layout id). Inactive slots' rows are zeros.
+    ``reset_to(slot, state)`` puts a slot in a recorded dataset state.
     """
 
     def __init__(self, spec: RobomimicSpec, num_envs: int):
@@ -94,7 +93,7 @@ class RobomimicBatchedEnv:
                 raise ValueError(f"layout id {layout} outside [0, {self.spec.n_layouts})")
             obs = self._sims[slot].reset_to_layout(self.spec.split, self.spec.seed, layout)
             observations.append(obs)
-            infos.append({"layout": layout, "object_start": obs[:3].tolist()})
+            infos.append({"layout": layout})
         return np.stack(observations).reshape(len(layout_ids), self.obs_dim), infos
 
     def reset_to(self, slot: int, state: np.ndarray) -> np.ndarray:

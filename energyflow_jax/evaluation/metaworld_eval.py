@@ -1,6 +1,7 @@
 """Evaluation of chunked policies on Meta-World v3: eval layouts, OOD levels, rollout plots.
 
-A thin layer over the environment-agnostic rollout
+A thin layer over the environment-agnostic evaluation core
+(:func:`energyflow_jax.evaluation.episodes.evaluate_spec`) and rollout
 (:func:`energyflow_jax.evaluation.rollout.rollout`, which documents the
 receding-horizon loop) and the Meta-World batched env
 (:mod:`energyflow_jax.envs.metaworld`, which documents the OOD perturbation
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,12 +31,11 @@ from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS,
     MetaWorldSpec,
     resolve_perturbation,
 )
-from energyflow_jax.evaluation.episodes import check_arguments, evaluate_spec
+from energyflow_jax.evaluation.episodes import PolicyFn, check_arguments, evaluate_spec
 from energyflow_jax.evaluation.statistics import pooled_success, wilson_interval  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-PolicyFn = Callable[[np.ndarray], Any]
 
 
 # --------------------------------------------------------------------------- policies

@@ -137,7 +137,7 @@ class Robomimic:
         provenance = dict(provenance, n_episodes=len(episodes), filter_key=info["filter_key"])
         return episodes, {"cache_path": path, "provenance": provenance,
                           "env_args": info["env_args"],
-                          "starts": np.stack([ep["obs"][0, :3] for ep in episodes])}
+                          "starts": robomimic.object_start(task, np.stack([ep["obs"][0] for ep in episodes]))}
 
     @staticmethod
     def evaluate(config, policy_fn, task: str, eval_seed: int, level: str, demo_info: dict,
@@ -314,20 +314,20 @@ def aggregate_markdown(rows: list[dict], kind: str, bench=MetaWorld) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def check(config: ml_collections.ConfigDict) -> None:
+def check(config: ml_collections.ConfigDict) -> list[str]:
     """Everything that can be refused before any work: values, tasks, eval levels and
-    (RoboMimic) the data file. Raises ValueError (or FileNotFoundError) naming the problem."""
+    (RoboMimic) the data file; returns the tasks. Raises ValueError (or
+    FileNotFoundError) naming the problem."""
     config_lib.validate(config)
     bench = BENCHMARKS[config.experiment]
-    bench.tasks(config)
     bench.eval_levels(config)
+    return bench.tasks(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The CLI entry: every (task, training seed) run, then the aggregate table."""
-    check(config)
+    tasks = check(config)
     bench = BENCHMARKS[config.experiment]
-    tasks = bench.tasks(config)
     seeds = _seeds(config)
     if len(tasks) == 1 and len(seeds) == 1:
         with config.unlocked():
