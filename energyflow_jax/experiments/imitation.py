@@ -49,6 +49,15 @@ def _seeds(config) -> list[int]:
     return [int(s) for s in config.seeds] if config.seeds else [int(config.seed)]
 
 
+def _requested_tasks(config) -> list[str]:
+    return list(config.tasks) if config.tasks else [config.task]
+
+
+def _check_eval_seeds(config) -> None:
+    if not config.eval.seeds:
+        raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+
+
 class MetaWorld:
     """Meta-World v3: scripted-expert demos (cached .npz), eval configs disjoint from the
     demos', OOD perturbation levels, the published (v2) table."""
@@ -60,7 +69,7 @@ class MetaWorld:
 
     @staticmethod
     def tasks(config) -> list[str]:
-        tasks = list(config.tasks) if config.tasks else [config.task]
+        tasks = _requested_tasks(config)
         for task in tasks:  # before any work: a typo should fail in seconds, not after training
             demos.validate_task_name(task)
         return tasks
@@ -68,8 +77,7 @@ class MetaWorld:
     @staticmethod
     def eval_levels(config) -> list[str]:
         """Level "0" first, then the requested OOD levels; checked before any work."""
-        if not config.eval.seeds:
-            raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+        _check_eval_seeds(config)
         requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
         return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
 
@@ -102,7 +110,7 @@ class Robomimic:
 
     @staticmethod
     def tasks(config) -> list[str]:
-        tasks = list(config.tasks) if config.tasks else [config.task]
+        tasks = _requested_tasks(config)
         for task in tasks:
             robomimic.validate_task_name(task)
             if not config.data.path and task not in robomimic_demos.EXPERT_TASKS:
@@ -117,8 +125,7 @@ class Robomimic:
 
     @staticmethod
     def eval_levels(config) -> list[str]:
-        if not config.eval.seeds:
-            raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
+        _check_eval_seeds(config)
         return ["0"]
 
     @staticmethod
