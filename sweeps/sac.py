@@ -25,7 +25,7 @@ docs/results.md.
 """
 import ml_collections
 
-from energyflow_jax.rewards import airl
+from energyflow_jax.rewards import adversarial
 from energyflow_jax.config import base_config, select_preset
 from energyflow_jax.rl.sac import agent as sac
 
@@ -124,7 +124,7 @@ def get_config(preset=None):
         energy_scale=0.0,         # <= 0: auto, expert-minus-random gap = 1 (experiments/sac.py)
         model_dir="",             # "" -> <workdir>/reward_model; else a shared model
     ))
-    c.reward.adversarial = airl.default_config()
+    c.reward.adversarial = adversarial.default_config()
     c.reward_model = reward_model_config()
 
     c.data = ml_collections.ConfigDict(dict(

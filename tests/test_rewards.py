@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import chex
 import scipy.stats
 
+from energyflow_jax.objectives import dsm
 from energyflow_jax.rewards import energy as rewards
 
 OBS_DIM, ACT_DIM, OBS_HORIZON = 3, 2, 2
@@ -147,3 +149,48 @@ def test_reward_quality_on_a_known_energy():
                                 exact["spearman_within_episode"]], 1.0, atol=1e-5)
     flipped = rewards.reward_quality(lambda x: -energy_reward("raw")(x), expert, alternatives)
     assert flipped["ranking_accuracy"] < 0.01
+
+
+SMALL_SCHEDULE = dsm.VESchedule(sigma_min=0.01, sigma_max=1.0)  # stable Euler steps on E
+
+
+def test_advantage_is_zero_at_the_models_own_action_and_ignores_state_offsets():
+    inputs = random_inputs(jax.random.PRNGKey(0))
+    params = make_params(offset_scale=5.0)
+    energy = functools.partial(quadratic_energy, params)
+    s = inputs.obs
+    a_hat = rewards.model_action(energy, s, jnp.zeros((8, 1, ACT_DIM)), SMALL_SCHEDULE)
+    chex.assert_shape(a_hat, (8, 1, ACT_DIM))
+    reward = energy_reward("advantage", offset_scale=5.0, schedule=SMALL_SCHEDULE)
+    own = reward(inputs.replace(action=a_hat[:, 0]))
+    np.testing.assert_allclose(own, 0.0, atol=1e-5)
+    # Any other action: the energy gap to the model's sample, free of the state offset c(s).
+    other = reward(inputs)
+    t = jnp.full((8,), 1e-3)
+    expected = -(energy(inputs.action[:, None], s, t) - energy(a_hat, s, t))
+    np.testing.assert_allclose(other, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(other, energy_reward("advantage", schedule=SMALL_SCHEDULE)(inputs),
+                               atol=1e-4)
+    # The energy's minimizer scores at least as well as the model's own sample.
+    target = jnp.tanh(s.reshape(8, -1) @ params["w"])
+    assert np.all(np.asarray(reward(inputs.replace(action=target))) >= -1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        energy_reward("advantage")
+
+
+def test_scale_leaves_rankings_unchanged():
+    params = make_params(offset_scale=1.0)
+    states = jax.random.normal(jax.random.PRNGKey(0), (32, OBS_HORIZON, OBS_DIM))
+    actions = jax.random.uniform(jax.random.PRNGKey(1), (32, ACT_DIM), minval=-1, maxval=1)
+    expert = rewards.RewardInputs(obs=states, action=actions, env_reward=jnp.zeros(32),
+                                  success=jnp.zeros(32))
+    alternatives = rewards.perturb_actions(jax.random.PRNGKey(2), actions, 8, 0.3)
+    for kind in ("raw", "centered", "advantage"):
+        kwargs = dict(offset_scale=1.0, schedule=SMALL_SCHEDULE)
+        base = rewards.reward_quality(energy_reward(kind, **kwargs), expert, alternatives)
+        scaled = rewards.reward_quality(energy_reward(kind, scale=0.01, **kwargs), expert,
+                                        alternatives)
+        assert scaled["ranking_accuracy"] == base["ranking_accuracy"]
+        np.testing.assert_allclose(scaled["expert_reward_mean"], 0.01 * base["expert_reward_mean"],
+                                   rtol=1e-4, atol=1e-7)
+    del params

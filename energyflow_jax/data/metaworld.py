@@ -34,7 +34,9 @@ model imitates the expert, and a failed scripted rollout (rare) is not behaviour
 want to clone. Collection draws consecutive config indices until ``n_episodes``
 successes are gathered; the expert's success rate over all attempts is recorded in
 the provenance. An episode ends at the first step with ``info["success"] == 1``
-(that step included), as evaluation does. Expert actions are clipped to [-1, 1]
+(that step included), as evaluation does, unless ``steps_after_success`` asks the
+expert to go on for that many steps (a reward model then also sees states after
+success, which RL visits); ``success_step`` records the first success's index. Expert actions are clipped to [-1, 1]
 before stepping and stored clipped: the env clips the xyz part itself and the
 gripper actuators have ctrlrange [-1, 1], so the clipped action is exactly what
 was executed.
@@ -93,6 +95,10 @@ _CACHE_KEYS = (
     "rand_vec",
     "provenance",
 )
+# Added later: caches without it hold episodes that end at their first success.
+_OPTIONAL_CACHE_KEYS = ("success_step",)
+# Provenance keys added later, with the value every older cache implies.
+_PROVENANCE_DEFAULTS = {"steps_after_success": 0}
 
 
 class DemoCacheError(RuntimeError):
@@ -229,31 +235,33 @@ def _quiet_experts():
         yield
 
 
-def rollout_expert(env, task: str, config, max_steps: int) -> dict[str, Any]:
-    """One scripted-expert episode from ``config``; stops at the first success."""
+def rollout_expert(env, task: str, config, max_steps: int,
+                   steps_after_success: int = 0) -> dict[str, Any]:
+    """One scripted-expert episode from ``config``; stops ``steps_after_success`` steps
+    after the first success (or at ``max_steps``)."""
     from metaworld.policies import ENV_POLICY_MAP
 
     expert = ENV_POLICY_MAP[task]()
     obs = reset_to_config(env, config)
     observations, actions, rewards = [], [], []
-    success = False
+    success_step = -1
     with _quiet_experts():
-        for _ in range(max_steps):
+        for t in range(max_steps):
             action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
             observations.append(obs)
             actions.append(action)
             obs, reward, _, truncated, info = env.step(action)
             rewards.append(reward)
-            if info["success"] >= 1.0:
-                success = True
-                break
-            if truncated:
+            if success_step < 0 and info["success"] >= 1.0:
+                success_step = t
+            if truncated or (success_step >= 0 and t - success_step >= steps_after_success):
                 break
     return {
         "obs": np.asarray(observations, dtype=np.float32),
         "actions": np.asarray(actions, dtype=np.float32),
         "rewards": np.asarray(rewards, dtype=np.float32),
-        "success": success,
+        "success": success_step >= 0,
+        "success_step": success_step,
     }
 
 
@@ -265,13 +273,15 @@ def collect_demos(
     progress: bool = True,
     successful_only: bool = True,
     max_attempts: int | None = None,
+    steps_after_success: int = 0,
 ) -> list[dict[str, Any]]:
     """Collect ``n_episodes`` scripted-expert episodes on demo configs of (task, seed).
 
     Each episode is a dict: obs (T, 39) float32 (obs[t] is seen before actions[t]),
     actions (T, 4) float32 in [-1, 1], rewards (T,) float32, success (bool),
     config_index (int, into the "demo" config stream of ``seed``) and rand_vec
-    (the layout, float64). With ``successful_only`` (default) failed expert
+    (the layout, float64), success_step (index of the first success, -1 if none;
+    the expert goes on ``steps_after_success`` steps after it). With ``successful_only`` (default) failed expert
     episodes are dropped and further configs are tried, up to ``max_attempts``
     (default 2 * n_episodes + 10); too few successes raise RuntimeError. The
     attempt count is attached to each episode as ``n_attempts`` of the whole run,
@@ -282,6 +292,8 @@ def collect_demos(
     validate_task_name(task)
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    if steps_after_success < 0:
+        raise ValueError(f"steps_after_success must be >= 0, got {steps_after_success}")
     max_attempts = max_attempts if max_attempts is not None else 2 * n_episodes + 10
     env = make_env(task, max_steps)
     episodes: list[dict[str, Any]] = []
@@ -296,7 +308,7 @@ def collect_demos(
                     f"{max_attempts}, max_steps={max_steps})"
                 )
             config = sample_config(env, task, "demo", seed, n_attempts)
-            episode = rollout_expert(env, task, config, max_steps)
+            episode = rollout_expert(env, task, config, max_steps, steps_after_success)
             episode["config_index"] = n_attempts
             episode["rand_vec"] = config_rand_vec(config)
             n_attempts += 1
@@ -332,7 +344,8 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _requested_provenance(task, n_episodes, seed, max_steps, successful_only) -> dict[str, Any]:
+def _requested_provenance(task, n_episodes, seed, max_steps, successful_only,
+                          steps_after_success=0) -> dict[str, Any]:
     # Everything that determines the cache content; a cache is reused only if all match.
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -341,6 +354,7 @@ def _requested_provenance(task, n_episodes, seed, max_steps, successful_only) ->
         "n_episodes": int(n_episodes),
         "max_steps": int(max_steps),
         "successful_only": bool(successful_only),
+        "steps_after_success": int(steps_after_success),
         "config_split": "demo",
         "versions": package_versions(),
     }
@@ -357,6 +371,7 @@ def save_demo_cache(path: str | os.PathLike, episodes: list[dict[str, Any]], pro
         "episode_lengths": lengths,
         "success": np.array([bool(ep["success"]) for ep in episodes]),
         "config_index": np.array([int(ep["config_index"]) for ep in episodes], dtype=np.int64),
+        "success_step": np.array([int(ep["success_step"]) for ep in episodes], dtype=np.int64),
         "rand_vec": np.stack([np.asarray(ep["rand_vec"], np.float64) for ep in episodes]),
         # A 0-d unicode array: readable with allow_pickle=False.
         "provenance": np.array(json.dumps(provenance, sort_keys=True)),
@@ -385,7 +400,7 @@ def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
             if missing:
                 raise fail(f"missing arrays {missing}")
             # Read everything now: zip member CRCs are checked as members are read.
-            data = {k: npz[k] for k in _CACHE_KEYS}
+            data = {k: npz[k] for k in _CACHE_KEYS + _OPTIONAL_CACHE_KEYS if k in npz.files}
     except DemoCacheError:
         raise
     except FileNotFoundError:
@@ -411,6 +426,12 @@ def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
          "per-episode arrays disagree on the episode count"),
         (provenance.get("n_episodes") == n, f"provenance says {provenance.get('n_episodes')} episodes, file has {n}"),
     ]
+    if "success_step" in data:
+        checks.append((data["success_step"].shape == (n,)
+                       and bool(np.all(data["success_step"] < lengths)),
+                       "success_step does not fit the episode lengths"))
+    else:  # an older cache: episodes end at their first success
+        data["success_step"] = np.where(data["success"], lengths - 1, -1)
     for ok, problem in checks:
         if not ok:
             raise fail(problem)
@@ -425,6 +446,7 @@ def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
             "actions": data["actions"][start:stop],
             "rewards": data["rewards"][start:stop],
             "success": bool(data["success"][i]),
+            "success_step": int(data["success_step"][i]),
             "config_index": int(data["config_index"][i]),
             "rand_vec": data["rand_vec"][i],
             "n_attempts": n_attempts,
@@ -433,14 +455,17 @@ def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
 
 
 def _provenance_mismatch(found: dict, wanted: dict) -> list[str]:
-    return [f"{k}: cached {found.get(k)!r}, requested {v!r}" for k, v in wanted.items() if found.get(k) != v]
+    return [f"{k}: cached {found.get(k)!r}, requested {v!r}" for k, v in wanted.items()
+            if found.get(k, _PROVENANCE_DEFAULTS.get(k)) != v]
 
 
 def demo_cache_path(config, workdir: str, task: str) -> str:
     """Where a run with this config caches its demos (config.data.cache_dir or DIR/demos)."""
     cache_dir = config.data.cache_dir or os.path.join(workdir, "demos")
+    after = int(config.data.get("steps_after_success", 0))
     return os.path.join(cache_dir, f"{task}_n{config.data.n_demos}_seed{config.data.demo_seed}"
-                                   f"_T{config.data.max_steps}.npz")
+                                   f"_T{config.data.max_steps}" + (f"_after{after}" if after else "")
+                        + ".npz")
 
 
 def load_or_collect(
@@ -451,6 +476,7 @@ def load_or_collect(
     max_steps: int = 500,
     progress: bool = True,
     successful_only: bool = True,
+    steps_after_success: int = 0,
 ) -> list[dict[str, Any]]:
     """Demos for (task, n_episodes, seed) from ``cache_path``, collecting them if needed.
 
@@ -462,7 +488,8 @@ def load_or_collect(
     """
     validate_task_name(task)
     cache_path = os.fspath(cache_path)
-    wanted = _requested_provenance(task, n_episodes, seed, max_steps, successful_only)
+    wanted = _requested_provenance(task, n_episodes, seed, max_steps, successful_only,
+                                   steps_after_success)
     if os.path.exists(cache_path):
         episodes, found = read_demo_cache(cache_path)
         mismatch = _provenance_mismatch(found, wanted)
@@ -475,13 +502,15 @@ def load_or_collect(
         logger.info("No demo cache at %s; collecting %d %s demos", cache_path, n_episodes, task)
 
     episodes = collect_demos(task, n_episodes, seed, max_steps=max_steps, progress=progress,
-                             successful_only=successful_only)
+                             successful_only=successful_only,
+                             steps_after_success=steps_after_success)
     provenance = dict(wanted)
     provenance.update(
         n_attempts=int(episodes[0]["n_attempts"]),
         expert_success_rate=expert_success_rate(episodes),
         kept="successful episodes only" if successful_only else "all episodes",
-        episode_end="first step with info['success'] == 1, else max_steps",
+        episode_end=(f"{steps_after_success} steps after the first step with info['success'] "
+                     "== 1, else max_steps"),
         n_transitions=int(sum(len(ep["actions"]) for ep in episodes)),
     )
     save_demo_cache(cache_path, episodes, provenance)

@@ -57,6 +57,28 @@ def dsm_loss(model: EnergyFlowModel, params, batch: dict, rng: jax.Array,
     return jnp.mean((sigma * score + eps) ** 2)
 
 
+def sample_times(schedule: VESchedule, n_steps: int, gamma: float) -> jax.Array:
+    """The n_steps times the Euler steps start from: T, T - dt, ..., gamma + dt."""
+    dt = (schedule.T - gamma) / n_steps
+    return schedule.T - dt * jnp.arange(n_steps, dtype=jnp.float32)
+
+
+def integrate_pf_ode(score_fn, a: jax.Array, schedule: VESchedule, n_steps: int,
+                     gamma: float) -> jax.Array:
+    """Euler steps of the probability-flow ODE from a at t = T down to gamma.
+
+    score_fn(a, k, t) is the field at step k (time t); a <- a + dt * 0.5 * d(sigma^2)/dt * score.
+    """
+    dt = (schedule.T - gamma) / n_steps
+    times = sample_times(schedule, n_steps, gamma)
+
+    def step(k, a):
+        drift = 0.5 * schedule.dsigma2_dt(times[k]) * score_fn(a, k, times[k])
+        return a + dt * drift
+
+    return jax.lax.fori_loop(0, n_steps, step, a)
+
+
 def sample(model: EnergyFlowModel, params, obs: jax.Array, rng: jax.Array,
            schedule: VESchedule, n_steps: int = 20, gamma: float = 1e-3,
            return_energy: bool = False):
@@ -67,18 +89,13 @@ def sample(model: EnergyFlowModel, params, obs: jax.Array, rng: jax.Array,
     (conservative models only).
     """
     batch = obs.shape[0]
-    dt = (schedule.T - gamma) / n_steps
     a = schedule.sigma_max * jax.random.normal(rng, (batch, *model.action_shape), jnp.float32)
-    times = schedule.T - dt * jnp.arange(n_steps, dtype=jnp.float32)
     # Everything that does not depend on the chunk is computed once for all
     # steps: each step then only runs the trunk (and its backward pass).
-    cond = model.conditioning(params, obs, times)
-
-    def step(k, a):
-        drift = 0.5 * schedule.dsigma2_dt(times[k]) * model.score_given(params, a, cond.at(k, model.policy))
-        return a + dt * drift
-
-    a = jax.lax.fori_loop(0, n_steps, step, a)
+    cond = model.conditioning(params, obs, sample_times(schedule, n_steps, gamma))
+    a = integrate_pf_ode(
+        lambda a, k, t: model.score_given(params, a, cond.at(k, model.policy)),
+        a, schedule, n_steps, gamma)
     if return_energy:
         return a, model.energy(params, a, obs, jnp.full((batch,), gamma, jnp.float32))
     return a

@@ -8,8 +8,16 @@ energies are not comparable across states.
 
 * raw:      r(s, a) = -E(a, s, gamma)
 * centered: r(s, a) = -(E(a, s, gamma) - mean_m E(a'_m, s, gamma)),  a'_m ~ N(0, I)
-  drawn once (M = 16 fixed chunks in standardized action space). The offset c(s)
-  appears in both terms and cancels, so the centered reward is invariant to it.
+  drawn once (M = 16 fixed actions in raw action space, normalized like any action;
+  the reward model's action space is the raw [-1, 1] box by default, where this is the
+  paper's definition). The offset c(s) appears in both terms and cancels, so the
+  centered reward is invariant to it.
+* advantage: r(s, a) = -(E(a, s, gamma) - E(a_hat(s), s, gamma)), a_hat(s) the reward
+  model's own probability-flow-ODE sample started from the prior's mode (a_T = 0, so
+  a_hat is a deterministic function of s). The baseline is the energy of an action the
+  model itself would take, so r = Q*(s, a)/alpha - Q*(s, a_hat)/alpha: an advantage, and
+  the state-only part it subtracts is potential-based shaping of the hidden reward,
+  while centered's b(s) (an average over N(0, I) actions) is not.
 
 gamma (default 1e-3) is the diffusion time at which the energy is read.
 
@@ -36,7 +44,7 @@ Reward objects
 (energy parameters, reference chunks), so a jitted training step can take it as an
 argument instead of baking millions of parameters into the compiled program as
 constants. Calling `reward(inputs)` gives one reward per transition, shape (B,).
-Kind "adversarial" returns a learned reward (see `energyflow_jax.rewards.airl`) that the SAC
+Kind "adversarial" returns a learned reward (see `energyflow_jax.rewards.adversarial`) that the SAC
 loop keeps updating; it follows the `LearnedReward` protocol below.
 """
 
@@ -51,14 +59,16 @@ import numpy as np
 from flax import struct
 from scipy import stats
 
-from energyflow_jax.rewards import airl
+from energyflow_jax.objectives import dsm
+from energyflow_jax.rewards import adversarial
 from energyflow_jax.rewards.inputs import RewardInputs
 
 EnergyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (a, s, t) -> (B,)
 Normalizer = Callable[[jax.Array], jax.Array]
 
-REWARD_KINDS = ("sparse", "dense", "raw", "centered", "raw+sparse", "centered+sparse",
-                "adversarial")
+REWARD_KINDS = ("sparse", "dense", "raw", "centered", "advantage", "raw+sparse",
+                "centered+sparse", "adversarial")
+ENERGY_KINDS = ("raw", "centered", "advantage", "raw+sparse", "centered+sparse")
 
 
 # --------------------------------------------------------------------------- energies
@@ -87,8 +97,25 @@ def centered_energy_reward(energy_fn: EnergyFn, s: jax.Array, a: jax.Array,
 
 def make_reference_actions(rng: jax.Array, num_reference: int, pred_horizon: int,
                            act_dim: int) -> jax.Array:
-    """M fixed reference chunks a'_m ~ N(0, I) in standardized action space."""
+    """M fixed reference chunks a'_m ~ N(0, I) in raw action space."""
     return jax.random.normal(rng, (num_reference, pred_horizon, act_dim))
+
+
+def model_action(energy_fn: EnergyFn, s: jax.Array, like: jax.Array, schedule: dsm.VESchedule,
+                 n_steps: int = 20, gamma: float = 1e-3) -> jax.Array:
+    """a_hat(s): the PF-ODE sample of the energy's field from a_T = 0, shape of `like`."""
+    def score(a, k, t):
+        return -jax.grad(lambda a_: energy_fn(a_, s, jnp.full((a_.shape[0],), t)).sum())(a)
+
+    return dsm.integrate_pf_ode(score, jnp.zeros_like(like), schedule, n_steps, gamma)
+
+
+def advantage_energy_reward(energy_fn: EnergyFn, s: jax.Array, a: jax.Array,
+                            schedule: dsm.VESchedule, n_steps: int = 20,
+                            gamma: float = 1e-3) -> jax.Array:
+    """-(E(a, s, gamma) - E(a_hat(s), s, gamma)); zero at the model's own action."""
+    a_hat = jax.lax.stop_gradient(model_action(energy_fn, s, a, schedule, n_steps, gamma))
+    return raw_energy_reward(energy_fn, s, a, gamma) - raw_energy_reward(energy_fn, s, a_hat, gamma)
 
 
 # ------------------------------------------------------------------ environment rewards
@@ -194,15 +221,19 @@ def make_reward_fn(
     normalize_action: Normalizer | None = None,
     expert_inputs: RewardInputs | None = None,
     adversarial_config: Any = None,
+    schedule: dsm.VESchedule | None = None,
+    n_sample_steps: int = 20,
 ) -> Reward | LearnedReward:
     """Builds a reward of one of REWARD_KINDS.
 
-    Energy kinds ("raw", "centered", and their "+sparse" variants) need `energy_fn`
-    (a, s, t) -> (B,) from a model trained with pred_horizon = 1, its obs/act dims and
-    obs_horizon, and the normalizers it was trained with (identity if None).
-    "adversarial" needs `expert_inputs` and returns `airl.AdversarialReward`.
-    `scale` multiplies the energy term (not the success bonus): at gamma = 1e-3 the energy
-    is as sharp as a Gaussian of std ~0.01, so raw energy gaps run to thousands.
+    Energy kinds ("raw", "centered", "advantage" and the "+sparse" variants) need
+    `energy_fn` (a, s, t) -> (B,) from a model trained with pred_horizon = 1, its obs/act
+    dims and obs_horizon, and the normalizers it was trained with (identity if None);
+    "advantage" also the model's diffusion `schedule` (its sampler runs n_sample_steps).
+    "adversarial" needs `expert_inputs` and returns `adversarial.AdversarialReward`, whose
+    features use the same normalizers.
+    `scale` multiplies the kind's own term, `success_weight` the "+sparse" bonus: the
+    experiment sets both by one rule (1 / std over demo and random-policy transitions).
     """
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
@@ -210,11 +241,13 @@ def make_reward_fn(
     if kind == "adversarial":
         if expert_inputs is None:
             raise ValueError("reward kind 'adversarial' needs expert_inputs")
-        return airl.AdversarialReward.from_expert(expert_inputs, adversarial_config)
+        return adversarial.AdversarialReward.from_expert(
+            expert_inputs, adversarial_config, normalize_obs=normalize_obs,
+            normalize_action=normalize_action)
 
     if kind in ("sparse", "dense"):
         fn = sparse_reward if kind == "sparse" else dense_reward
-        return Reward(params=(), compute=_ByIdentity(lambda _, inputs: fn(inputs)),
+        return Reward(params=(), compute=_ByIdentity(lambda _, inputs: scale * fn(inputs)),
                       kind=kind, obs_horizon=obs_horizon)
 
     if energy_fn is None:
@@ -226,6 +259,8 @@ def make_reward_fn(
             "need future actions the policy has not chosen")
     if obs_dim is None or act_dim is None:
         raise ValueError("energy rewards need the reward model's obs_dim and act_dim")
+    if kind == "advantage" and schedule is None:
+        raise ValueError("reward kind 'advantage' needs the reward model's diffusion schedule")
 
     energy_func, energy_args = _split_partial(energy_fn)
     norm_obs = normalize_obs or (lambda x: x)
@@ -245,7 +280,10 @@ def make_reward_fn(
         s = norm_obs(inputs.obs.astype(jnp.float32))
         a = norm_act(inputs.action.astype(jnp.float32))[:, None, :]  # chunk of length one
         if centered:
-            r = centered_energy_reward(energy, s, a, ref_actions, gamma)
+            ref_model = norm_act(ref_actions)  # raw-space references, normalized as actions are
+            r = centered_energy_reward(energy, s, a, ref_model, gamma)
+        elif kind == "advantage":
+            r = advantage_energy_reward(energy, s, a, schedule, n_sample_steps, gamma)
         else:
             r = raw_energy_reward(energy, s, a, gamma)
         return scale * r + bonus * sparse_reward(inputs)

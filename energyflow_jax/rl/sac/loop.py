@@ -179,7 +179,7 @@ def train_sac(
     """Trains SAC on `len(env_fns)` environments stepped in lockstep, with `reward_fn`.
 
     reward_fn: a `rewards.Reward` (scored when a transition is stored) or a
-        `rewards.LearnedReward` such as `airl.AdversarialReward` (updated and re-scored
+        `rewards.LearnedReward` such as `adversarial.AdversarialReward` (updated and re-scored
         inside every gradient step). Its shapes are checked against the environment
         before anything else happens (ValueError on mismatch).
     workdir: metrics.jsonl and orbax checkpoints (workdir/checkpoints, each with its run spec),

@@ -1,14 +1,20 @@
-"""Adversarial IRL baseline: a discriminator reward learned alongside SAC (GAIL/AIRL style).
+"""Adversarial baseline: a GAIL-style discriminator reward learned alongside SAC.
 
 A discriminator D(s, a) = sigmoid(f(s, a)) is trained to tell expert transitions (label
 1) from the policy's replay transitions (label 0) with the logistic loss, plus a
 zero-centred gradient penalty on points between the two (keeps f smooth, so the reward
 the critic sees does not jump as D sharpens).
 
-Reward: r(s, a) = log D - log(1 - D) = f(s, a), clipped to +-reward_clip. This is the
-AIRL form of the reward; unlike -log(1 - D) (always positive, a survival bonus) or
-log D (always negative, a hurry-to-terminate bias) it has no sign bias, and at the
-discriminator's optimum it equals log p_expert(s, a) / p_policy(s, a).
+Reward: the logit f(s, a) = log D - log(1 - D), divided by a running std of the logit
+over the expert and policy batches (the same 1 / std rule as every other reward kind,
+kept online because f changes during RL), then clipped to +-reward_clip. Unlike
+-log(1 - D) (always positive, a survival bonus) or log D (always negative, a
+hurry-to-terminate bias) it has no sign bias; at the discriminator's optimum it equals
+log p_expert(s, a) / p_policy(s, a). It is not AIRL: AIRL's reward is f - log pi with a
+structured f, and this discriminator does not see the policy's log-probability.
+
+Inputs: observations and actions are normalized with the normalizers the energy reward
+model uses (experiments/sac.py builds both from the same demos and the same floors).
 
 How SAC uses it: `AdversarialReward` follows `rewards.LearnedReward`. The SAC loop
 stores `RewardInputs` in replay; in every gradient step (`sac.agent.scan_updates`) it
@@ -47,7 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     # toy of tests/test_airl.py, 0 / 0.1 / 1.0 gave held-out accuracy 0.99 / 0.93 / 0.91
     # and expert-minus-random reward gaps of 12 / 1.3 / 0.2 after 500 steps.
     c.grad_penalty = 0.1
-    c.reward_clip = 10.0
+    c.reward_clip = 10.0  # on the unit-std scale
+    c.scale_momentum = 0.99  # running std of the logit: old * m + new * (1 - m)
     return c
 
 
@@ -63,13 +70,17 @@ class Discriminator(nn.Module):
 class DiscriminatorState(struct.PyTreeNode):
     train_state: TrainState
     expert: RewardInputs  # (N, ...) expert transitions, sampled as positives
-    obs_mean: jax.Array  # observation standardization from the expert data
+    obs_mean: jax.Array  # the reward model's observation normalizer
     obs_std: jax.Array
+    action_mean: jax.Array  # ... and its action normalizer
+    action_std: jax.Array
+    logit_std: jax.Array  # running std of f over expert + policy batches (the reward's scale)
 
 
 def _features(state: DiscriminatorState, inputs: RewardInputs) -> jax.Array:
     obs = (inputs.obs - state.obs_mean) / state.obs_std
-    return jnp.concatenate([obs.reshape(obs.shape[0], -1), inputs.action], axis=-1)
+    action = (inputs.action - state.action_mean) / state.action_std
+    return jnp.concatenate([obs.reshape(obs.shape[0], -1), action], axis=-1)
 
 
 def discriminator_loss(params, state: DiscriminatorState, expert: RewardInputs,
@@ -89,7 +100,8 @@ def discriminator_loss(params, state: DiscriminatorState, expert: RewardInputs,
     penalty = (grads ** 2).sum(-1).mean()
     accuracy = 0.5 * ((f_expert > 0).mean() + (f_policy < 0).mean())
     metrics = {"disc/loss": bce, "disc/grad_penalty": penalty, "disc/accuracy": accuracy,
-               "disc/expert_logit": f_expert.mean(), "disc/policy_logit": f_policy.mean()}
+               "disc/expert_logit": f_expert.mean(), "disc/policy_logit": f_policy.mean(),
+               "disc/logit_std": jnp.concatenate([f_expert, f_policy]).std()}
     return bce + grad_penalty * penalty, metrics
 
 
@@ -99,15 +111,28 @@ class AdversarialReward:
 
     expert_inputs: RewardInputs  # host arrays, (N, obs_horizon, obs_dim), (N, act_dim), ...
     config: ml_collections.ConfigDict
+    normalizers: tuple  # ((obs_mean, obs_std), (action_mean, action_std)) as host arrays
     kind: str = "adversarial"
 
     @classmethod
     def from_expert(cls, expert_inputs: RewardInputs,
-                    config: ml_collections.ConfigDict | None = None) -> "AdversarialReward":
+                    config: ml_collections.ConfigDict | None = None, *,
+                    normalize_obs=None, normalize_action=None) -> "AdversarialReward":
+        """normalize_obs / normalize_action: `Normalizer`s (mean, std); None = identity."""
         if expert_inputs.obs.ndim != 3 or expert_inputs.action.ndim != 2:
             raise ValueError("expert_inputs.obs must be (N, obs_horizon, obs_dim) and "
                              "expert_inputs.action (N, act_dim)")
-        return cls(expert_inputs=expert_inputs, config=config or default_config())
+
+        def stats(normalizer, dim):
+            if normalizer is None:
+                return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+            owner = getattr(normalizer, "__self__", normalizer)  # a bound .normalize or the object
+            return np.asarray(owner.mean, np.float32), np.asarray(owner.std, np.float32)
+
+        normalizers = (stats(normalize_obs, expert_inputs.obs.shape[2]),
+                       stats(normalize_action, expert_inputs.action.shape[1]))
+        return cls(expert_inputs=expert_inputs, config=config or default_config(),
+                   normalizers=normalizers)
 
     @property
     def obs_horizon(self) -> int:
@@ -133,16 +158,17 @@ class AdversarialReward:
 
     def init(self, rng: jax.Array) -> DiscriminatorState:
         expert = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.expert_inputs)
-        obs = expert.obs.reshape(-1, self.obs_dim)
-        # Floor the std: constant observation dims (padding) would otherwise blow up.
-        obs_std = jnp.maximum(obs.std(0), 1e-2)
+        (obs_mean, obs_std), (action_mean, action_std) = self.normalizers
         module = self._module
         features = jnp.zeros((1, self.obs_horizon * self.obs_dim + self.act_dim))
         train_state = TrainState.create(apply_fn=module.apply,
                                         params=module.init(rng, features)["params"],
                                         tx=self._optimizer)
         state = DiscriminatorState(train_state=train_state, expert=expert,
-                                   obs_mean=obs.mean(0), obs_std=obs_std)
+                                   obs_mean=jnp.asarray(obs_mean), obs_std=jnp.asarray(obs_std),
+                                   action_mean=jnp.asarray(action_mean),
+                                   action_std=jnp.asarray(action_std),
+                                   logit_std=jnp.ones((), jnp.float32))
         return strong_types(state)
 
     def logits(self, state: DiscriminatorState, inputs: RewardInputs) -> jax.Array:
@@ -150,9 +176,9 @@ class AdversarialReward:
                                           _features(state, inputs))
 
     def reward(self, state: DiscriminatorState, inputs: RewardInputs) -> jax.Array:
-        """log D - log(1 - D) = f(s, a), clipped; shape (B,)."""
+        """f(s, a) = log D - log(1 - D) over its running std, clipped; shape (B,)."""
         clip = self.config.reward_clip
-        return jnp.clip(self.logits(state, inputs), -clip, clip)
+        return jnp.clip(self.logits(state, inputs) / state.logit_std, -clip, clip)
 
     def update(self, state: DiscriminatorState, policy_inputs: RewardInputs,
                rng: jax.Array) -> tuple[DiscriminatorState, dict[str, jax.Array]]:
@@ -164,7 +190,11 @@ class AdversarialReward:
         grads, metrics = jax.grad(discriminator_loss, has_aux=True)(
             state.train_state.params, state, expert, policy_inputs, penalty_key,
             self.config.grad_penalty)
-        return state.replace(train_state=state.train_state.apply_gradients(grads=grads)), metrics
+        m = self.config.scale_momentum
+        logit_std = m * state.logit_std + (1.0 - m) * jnp.maximum(metrics["disc/logit_std"], 1e-6)
+        metrics["disc/reward_scale"] = 1.0 / logit_std
+        return state.replace(train_state=state.train_state.apply_gradients(grads=grads),
+                             logit_std=logit_std), metrics
 
 
 def expert_inputs_from_arrays(obs: np.ndarray, actions: np.ndarray) -> RewardInputs:
