@@ -7,8 +7,10 @@
   python -m energyflow_jax.main --config=sweeps/sac.py:tiny --workdir=/tmp/sac       # seconds
 
 Reward kinds (energyflow_jax/rewards/energy.py): sparse, dense (the env's shaped reward, the
-oracle), raw (-E), centered (-E + mean of E at 16 reference actions), raw+sparse,
-centered+sparse, adversarial (AIRL-style discriminator learned during SAC).
+oracle), raw (-E), centered (-E + mean of E at 16 reference actions), advantage (-E + E of
+the reward model's own action), raw+sparse, centered+sparse, adversarial (a GAIL-style
+discriminator logit learned during SAC). Every kind is scaled by one rule (1 / std over
+demo and random-policy transitions) and gated before RL (reward_quality.json).
 Several kinds in one invocation share the demos and the reward model and produce one
 table (results.md) and one plot (curves.png).
 
@@ -100,6 +102,9 @@ def _tiny(c):
     c.reward.adversarial.batch_size = 32
     c.quality.n_random_episodes = 2
     c.quality.n_alternatives = 8
+    c.quality.n_gate_episodes = 1
+    c.reward.n_sample_steps = 4
+    c.data.steps_after_success = 5
     c.log.progress = False
 
 
@@ -112,6 +117,7 @@ def get_config(preset=None):
     c.task = "button-press-v3"
     c.seeds = (0, 1, 2)           # () -> (sac.seed,)
     c.num_envs = 2                # envs stepped in lockstep per seed
+    c.num_workers = 1             # > 1: the (kind, seed) runs spread over spawned processes
     c.max_episode_steps = 200     # the expert needs 54-128 steps on button-press
 
     c.reward = ml_collections.ConfigDict(dict(
@@ -120,8 +126,14 @@ def get_config(preset=None):
         gamma=1e-3,               # diffusion time at which the energy is read
         num_reference=16,         # reference actions of the centered reward
         reference_seed=0,
-        success_weight=1.0,       # the "+sparse" bonus
-        energy_scale=0.0,         # <= 0: auto, expert-minus-random gap = 1 (experiments/sac.py)
+        success_weight=1.0,       # the "+sparse" bonus, relative to the unit-std reward term
+        scale_rule="std",         # "std": each term / its std over demos + random steps; "none"
+        n_sample_steps=20,        # PF-ODE steps of the advantage reward's a_hat(s)
+        # Reward inputs (energy model and discriminator alike): observation std floor, and
+        # the action space ("box": raw [-1, 1]; "standardized": std floored at action_min_std).
+        obs_min_std=0.1,
+        action_space="box",
+        action_min_std=0.2,
         model_dir="",             # "" -> <workdir>/reward_model; else a shared model
     ))
     c.reward.adversarial = adversarial.default_config()
@@ -132,13 +144,20 @@ def get_config(preset=None):
         n_heldout=5,
         demo_seed=0,
         max_steps=500,            # the expert's step budget per demo
+        steps_after_success=50,   # the expert goes on this long after its first success
         cache_dir="",             # "" -> <workdir>/demos
     ))
     c.quality = ml_collections.ConfigDict(dict(
         n_alternatives=16,        # perturbed / random actions per held-out expert state
         noise_scale=0.3,          # std of the Gaussian perturbation (actions in [-1, 1])
-        n_random_episodes=5,      # random-policy trajectories for the dense correlation
+        n_random_episodes=5,      # random-policy trajectories (dense correlation, scales)
         seed=0,
+        # Gates (rewards/gates.py): reference policies on n_gate_episodes shared layouts.
+        n_gate_episodes=5,
+        gate_noise_scales=(0.1, 0.3, 0.6),
+        gate_delay=30,
+        gate_xyz_accuracy=0.75,
+        gate_kendall_tau=0.5,
     ))
 
     c.sac = sac.default_config()

@@ -10,6 +10,7 @@ import pytest
 
 from energyflow_jax import config as config_lib
 from energyflow_jax.experiments import sac as sac_experiment
+from energyflow_jax.rewards import gates
 from energyflow_jax.data.windows import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 
@@ -65,11 +66,21 @@ def test_reward_quality_expert_above_random(tiny_run):
     """The tiny reward model (300 DSM steps, 4 demos) ranks held-out expert actions above
     uniform random ones (measured: 0.999) and above perturbed ones (0.996)."""
     quality = _load(tiny_run / "reward_quality.json")
-    assert set(quality["kinds"]) == {"centered+sparse", "sparse", "raw", "centered"}
+    assert set(quality["kinds"]) == {"centered+sparse", "sparse", "dense", "raw", "centered",
+                                     "advantage"}
+    # The gates ran on every reference policy; xyz ranking only where actions matter.
+    assert list(quality["reference_policies"]) == gates.reference_policy_names()
+    for kind, q in quality["kinds"].items():
+        assert ("xyz_ranking_accuracy" in q) == (kind not in ("sparse", "dense")), kind
+        assert set(q["reference_discounted_return"]) == set(quality["reference_policies"])
+        assert isinstance(q["gates_passed"], bool)
+    results = _load(tiny_run / "results.json")
+    assert set(results["comparisons"]) == {"centered+sparse - sparse"}
+    assert results["verdict"]["verdict"] == "inconclusive"  # dense, raw, centered not run
     for kind, q in quality["kinds"].items():
         for name in ("ranking_accuracy_vs_perturbed", "ranking_accuracy_vs_random"):
             assert 0.0 <= q[name] <= 1.0, (kind, name)
-    for kind in ("raw", "centered", "centered+sparse"):
+    for kind in ("raw", "centered", "advantage", "centered+sparse"):
         assert quality["kinds"][kind]["ranking_accuracy_vs_random"] > 0.9, kind
         assert quality["kinds"][kind]["expert_reward_mean"] > quality["kinds"][kind]["random_reward_mean"]
     # The sparse reward cannot tell actions apart in a state: a tie, half credit.

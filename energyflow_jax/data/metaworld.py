@@ -78,8 +78,9 @@ def short_name(task: str) -> str:
     return task[:-3] if task.endswith("-v3") else task
 CACHE_FORMAT_VERSION = 1
 
-# Splits of the config stream; the integer ids enter the RNG entropy.
-SPLIT_IDS = {"demo": 0, "eval": 1}
+# Splits of the config stream (demos, imitation evaluation, the reward gates of
+# rewards/gates.py); the integer ids enter the RNG entropy.
+SPLIT_IDS = {"demo": 0, "eval": 1, "reward_gates": 2}
 # Fixed salt so that our config streams do not coincide with other uses of the seeds.
 _CONFIG_SALT = 0x45464A58  # "EFJX"
 
@@ -227,7 +228,7 @@ def reset_to_config(env, config) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_experts():
+def quiet_experts():
     # The scripted experts warn on every saturated step ("Constant(s) may be too
     # high"); the env clips anyway, and we clip before stepping.
     with warnings.catch_warnings():
@@ -245,7 +246,7 @@ def rollout_expert(env, task: str, config, max_steps: int,
     obs = reset_to_config(env, config)
     observations, actions, rewards = [], [], []
     success_step = -1
-    with _quiet_experts():
+    with quiet_experts():
         for t in range(max_steps):
             action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
             observations.append(obs)
@@ -426,6 +427,8 @@ def read_demo_cache(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
          "per-episode arrays disagree on the episode count"),
         (provenance.get("n_episodes") == n, f"provenance says {provenance.get('n_episodes')} episodes, file has {n}"),
     ]
+    for key in ("obs", "actions", "rewards"):
+        checks.append((bool(np.all(np.isfinite(data[key]))), f"{key} holds NaN or inf"))
     if "success_step" in data:
         checks.append((data["success_step"].shape == (n,)
                        and bool(np.all(data["success_step"] < lengths)),

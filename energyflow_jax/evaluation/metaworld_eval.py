@@ -53,7 +53,7 @@ def make_expert_policy_fn(task: str, pred_horizon: int = 16) -> PolicyFn:
     expert = ENV_POLICY_MAP[task]()
 
     def policy_fn(obs_history: np.ndarray) -> np.ndarray:
-        with demos._quiet_experts():
+        with demos.quiet_experts():
             actions = np.stack([expert.get_action(o[-1].astype(np.float64)) for o in obs_history])
         return np.repeat(actions[:, None, :], pred_horizon, axis=1).astype(np.float32)
 

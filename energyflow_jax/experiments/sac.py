@@ -30,20 +30,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
 from energyflow_jax.io.run_dir import read_metrics  # run_seed's run_dir is a path
 from energyflow_jax.rewards import energy as rewards
+from energyflow_jax.rewards import gates
 from energyflow_jax.data import metaworld as demos
+from energyflow_jax.objectives import dsm
 from energyflow_jax.data.windows import make_dataset, make_windows
 from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.rl.sac.loop import train_sac
+from energyflow_jax.evaluation import statistics
 from energyflow_jax.training.loop import fit
 
-ENERGY_KINDS = ("raw", "centered", "raw+sparse", "centered+sparse")
+ENERGY_KINDS = rewards.ENERGY_KINDS
 SPEC_FILE = "spec.json"
+ACTION_SPACES = ("box", "standardized")
 
 
 # --------------------------------------------------------------------------- config
@@ -56,6 +61,12 @@ def reward_kinds(config) -> list[str]:
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {rewards.REWARD_KINDS}")
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"config.reward.kinds has duplicates: {kinds}")
+    if config.reward.action_space not in ACTION_SPACES:
+        raise ValueError(f"config.reward.action_space={config.reward.action_space!r}; expected "
+                         f"one of {ACTION_SPACES}")
+    if config.reward.scale_rule not in ("std", "none"):
+        raise ValueError(f"config.reward.scale_rule={config.reward.scale_rule!r}; expected "
+                         "'std' or 'none'")
     return kinds
 
 
@@ -104,6 +115,29 @@ def load_normalizers(path: str) -> tuple[Normalizer, Normalizer]:
 
 
 
+def reward_normalizers(config, episodes: list[dict], act_dim: int) -> tuple[Normalizer, Normalizer]:
+    """The reward inputs' standardization, shared by the energy model and the discriminator.
+
+    Observations: std floored at reward.obs_min_std, so a dimension the demos barely move
+    (27 of Meta-World's 39) cannot turn a small change into many standard deviations.
+    Actions: the raw [-1, 1] box (reward.action_space="box"), or standardized with the
+    floor reward.action_min_std; never a floor that makes the experts' constant gripper
+    action dominate (the old 1e-2 floor made a gripper change of 0.1 ten std).
+    """
+    obs = np.concatenate([ep["obs"] for ep in episodes])
+    obs_norm = Normalizer.fit(obs, float(config.reward.obs_min_std))
+    if config.reward.action_space == "box":
+        return obs_norm, Normalizer.identity(act_dim)
+    actions = np.concatenate([ep["actions"] for ep in episodes])
+    return obs_norm, Normalizer.fit(actions, float(config.reward.action_min_std))
+
+
+def _normalization_spec(config) -> dict:
+    return {"obs_min_std": float(config.reward.obs_min_std),
+            "action_space": str(config.reward.action_space),
+            "action_min_std": float(config.reward.action_min_std)}
+
+
 # --------------------------------------------------------------------------- reward model
 
 
@@ -119,8 +153,10 @@ def reward_model_shapes(config, obs_dim: int, act_dim: int) -> tuple[tuple, tupl
     return (config.reward_model.data.obs_horizon, obs_dim), (1, act_dim)
 
 
-def check_saved_spec(model_dir: str, task: str, obs_shape: tuple, action_shape: tuple) -> None:
-    """Refuses a reward model saved for another task or other shapes (another obs_horizon)."""
+def check_saved_spec(model_dir: str, task: str, obs_shape: tuple, action_shape: tuple,
+                     normalization: dict | None = None) -> None:
+    """Refuses a reward model saved for another task, other shapes (another obs_horizon)
+    or another input normalization."""
     path = os.path.join(model_dir, SPEC_FILE)
     if not os.path.exists(path):
         return
@@ -136,25 +172,31 @@ def check_saved_spec(model_dir: str, task: str, obs_shape: tuple, action_shape: 
     if spec.get("task", task) != task:  # Meta-World tasks share shapes: compare names
         raise ValueError(f"the reward model in {model_dir} was trained on {spec['task']}, but "
                          f"this run is {task}; use another reward.model_dir (or --workdir)")
+    saved_norm = spec.get("normalization")
+    if normalization is not None and saved_norm is not None and saved_norm != normalization:
+        raise ValueError(f"the reward model in {model_dir} was trained with reward inputs "
+                         f"normalized as {saved_norm}, but this run asks for {normalization}; "
+                         "use another reward.model_dir (or --workdir)")
 
 
-def train_reward_model(config, model_dir: str, episodes: list[dict], task: str):
+def train_reward_model(config, model_dir: str, episodes: list[dict], task: str,
+                       normalizers: tuple[Normalizer, Normalizer]):
     """fit() (or resume) the pred_horizon = 1 energy model; (model, ema_params, obs_n, act_n)."""
     rm = config.reward_model
-    dataset = make_dataset(episodes, rm.data.obs_horizon, 1)
-    obs_shape = tuple(dataset.obs.shape[1:])
-    action_shape = tuple(dataset.actions.shape[1:])
-    check_saved_spec(model_dir, task, obs_shape, action_shape)
     normalizer_path = os.path.join(model_dir, NORMALIZERS_FILE)
     if os.path.exists(normalizer_path):  # a resumed / shared model keeps its statistics
-        obs_norm, act_norm = load_normalizers(normalizer_path)
-        dataset = make_dataset(episodes, rm.data.obs_horizon, 1, obs_normalizer=obs_norm,
-                               action_normalizer=act_norm)
-    elif run_dir.is_main_process():
+        normalizers = load_normalizers(normalizer_path)
+    dataset = make_dataset(episodes, rm.data.obs_horizon, 1, obs_normalizer=normalizers[0],
+                           action_normalizer=normalizers[1])
+    obs_shape = tuple(dataset.obs.shape[1:])
+    action_shape = tuple(dataset.actions.shape[1:])
+    check_saved_spec(model_dir, task, obs_shape, action_shape, _normalization_spec(config))
+    if not os.path.exists(normalizer_path) and run_dir.is_main_process():
         save_normalizers(normalizer_path, dataset.obs_normalizer, dataset.action_normalizer)
         run_dir.write_json(os.path.join(model_dir, SPEC_FILE),
                           {"task": task, "obs_shape": obs_shape, "action_shape": action_shape,
-                           "n_train_episodes": len(episodes)})
+                           "n_train_episodes": len(episodes),
+                           "normalization": _normalization_spec(config)})
     model = EnergyFlowModel.create(rm.model, obs_shape=obs_shape, action_shape=action_shape)
     state, info = fit(rm, model_dir, model, dataset.arrays())
     params = jax.device_put(jax.device_get(state.ema_params))
@@ -166,12 +208,13 @@ def train_reward_model(config, model_dir: str, episodes: list[dict], task: str):
 
 def expert_reward_inputs(episodes: list[dict], obs_horizon: int) -> tuple[rewards.RewardInputs,
                                                                           np.ndarray]:
-    """Raw demo steps as RewardInputs (success on an episode's final, successful step)."""
+    """Raw demo steps as RewardInputs (success from the first successful step on)."""
     obs, _ = make_windows(episodes, obs_horizon, 1)
     actions = np.concatenate([ep["actions"] for ep in episodes]).astype(np.float32)
     env_reward = np.concatenate([ep["rewards"] for ep in episodes]).astype(np.float32)
     success = np.concatenate([
-        np.r_[np.zeros(len(ep["actions"]) - 1), float(ep["success"])] for ep in episodes])
+        (np.arange(len(ep["actions"])) >= ep["success_step"]) & (ep["success_step"] >= 0)
+        for ep in episodes])
     ids = np.concatenate([np.full(len(ep["actions"]), i) for i, ep in enumerate(episodes)])
     return rewards.RewardInputs(obs=np.asarray(obs, np.float32), action=actions,
                                 env_reward=env_reward, success=success.astype(np.float32)), ids
@@ -207,50 +250,76 @@ def random_policy_inputs(task: str, n_episodes: int, n_steps: int, obs_horizon: 
 
 
 def build_reward(kind: str, config, *, obs_dim: int, act_dim: int, energy=None,
-                 expert_inputs: rewards.RewardInputs | None = None, energy_scale: float = 1.0):
-    """The reward object for `kind`; `energy` = (model, params, obs_norm, act_norm)."""
-    kwargs = dict(scale=energy_scale, obs_horizon=config.reward_model.data.obs_horizon, obs_dim=obs_dim,
+                 normalizers: tuple[Normalizer, Normalizer] | None = None,
+                 expert_inputs: rewards.RewardInputs | None = None, scale: float = 1.0,
+                 success_weight: float | None = None):
+    """The reward object for `kind`; `energy` = (model, params, obs_norm, act_norm).
+
+    scale multiplies the kind's own term and success_weight the "+sparse" bonus
+    (default reward.success_weight); see reward_scales for the rule that sets them.
+    """
+    success_weight = config.reward.success_weight if success_weight is None else success_weight
+    kwargs = dict(scale=scale, obs_horizon=config.reward_model.data.obs_horizon, obs_dim=obs_dim,
                   act_dim=act_dim, gamma=config.reward.gamma,
                   num_reference=config.reward.num_reference,
                   reference_rng=jax.random.PRNGKey(config.reward.reference_seed),
-                  success_weight=config.reward.success_weight)
+                  success_weight=success_weight)
     if kind in ENERGY_KINDS:
         model, params, obs_norm, act_norm = energy
         kwargs.update(energy_fn=functools.partial(model.energy, params),
                       pred_horizon=model.action_shape[0],
                       obs_horizon=model.obs_shape[0], obs_dim=model.obs_shape[1],
                       act_dim=model.action_shape[1],
-                      normalize_obs=obs_norm.normalize, normalize_action=act_norm.normalize)
+                      normalize_obs=obs_norm.normalize, normalize_action=act_norm.normalize,
+                      schedule=dsm.VESchedule.from_config(config.reward_model.diffusion),
+                      n_sample_steps=int(config.reward.n_sample_steps))
     if kind == "adversarial":
-        kwargs.update(expert_inputs=expert_inputs, adversarial_config=config.reward.adversarial)
+        obs_norm, act_norm = normalizers
+        kwargs.update(expert_inputs=expert_inputs, adversarial_config=config.reward.adversarial,
+                      normalize_obs=obs_norm.normalize, normalize_action=act_norm.normalize)
     return rewards.make_reward_fn(kind, **kwargs)
 
 
-def auto_energy_scale(raw_reward, expert: rewards.RewardInputs, num_states: int,
-                      seed: int) -> float:
-    """1 / mean over expert states of [r_raw(expert action) - r_raw(uniform random action)].
+def _std_scale(values) -> float:
+    std = float(np.std(np.asarray(values, np.float64)))
+    return 1.0 / std if np.isfinite(std) and std > 1e-12 else 1.0
 
-    Scaled so, an expert action earns about 1 more than a random one in the same state
-    (the same gap for raw and centered: the centering term cancels within a state), which
-    puts energy rewards on the scale of the +1 success bonus instead of thousands.
+
+def reward_scales(kinds, config, calibration: rewards.RewardInputs, **build_kwargs) -> dict:
+    """One rule for every fixed reward: each term is divided by its std over `calibration`
+    (demo transitions plus random-policy transitions, which stand in for SAC's warm-up).
+
+    Returns {kind: {"scale": s, "success_weight": w}}: a "+sparse" kind is its base term
+    at unit std plus reward.success_weight times the unit-std success indicator.
+    reward.scale_rule="none" leaves every term unscaled. The adversarial reward scales
+    itself online by the same rule (rewards/adversarial.py).
     """
-    key_states, key_actions = jax.random.split(jax.random.PRNGKey(seed))
-    n = expert.action.shape[0]
-    idx = np.asarray(jax.random.choice(key_states, n, (min(num_states, n),), replace=False))
-    subset = jax.tree.map(lambda x: jnp.asarray(x)[idx], expert)
-    alternatives = rewards.random_actions(key_actions, len(idx), 4, subset.action.shape[1])
-    q = rewards.reward_quality(raw_reward, subset, alternatives)
-    gap = q["expert_reward_mean"] - q["alternative_reward_mean"]
-    if not np.isfinite(gap) or gap <= 0:
-        raise ValueError(f"the reward model does not prefer expert actions (gap {gap}); "
-                         "train it longer before using it as a reward")
-    return 1.0 / gap
+    out = {}
+    sparse_scale = _std_scale(calibration.success)
+    batch = jax.tree.map(jnp.asarray, calibration)
+    for kind in kinds:
+        if kind == "adversarial":
+            out[kind] = {"scale": None, "success_weight": None, "rule": "online running std"}
+            continue
+        base = kind.removesuffix("+sparse")
+        if config.reward.scale_rule == "none":
+            scale, bonus_scale = 1.0, 1.0
+        else:
+            unscaled = build_reward(base, config, scale=1.0, **build_kwargs)
+            scale = _std_scale(rewards.score_transitions(unscaled, batch))
+            bonus_scale = sparse_scale
+        bonus = float(config.reward.success_weight) * bonus_scale if kind != base else 0.0
+        out[kind] = {"scale": scale, "success_weight": bonus}
+    return out
 
 
 def quality_report(reward_objects: dict, held_out: rewards.RewardInputs, held_out_ids,
-                   random_traj: rewards.RewardInputs, random_ids, config) -> dict:
+                   random_traj: rewards.RewardInputs, random_ids, config,
+                   reference: dict[str, gates.ReferenceRollouts] | None = None) -> dict:
     """reward_quality for every fixed reward: ranking vs perturbed / random actions on held-out
-    expert states; correlation with the dense reward along expert / random trajectories."""
+    expert states; correlation with the dense reward along expert / random trajectories;
+    and the gates (rewards/gates.py): xyz ranking and the return order of `reference`
+    rollouts, with `gates_passed` against quality.gate_xyz_accuracy / gate_kendall_tau."""
     q = config.quality
     key = jax.random.PRNGKey(q.seed)
     perturb_key, random_key = jax.random.split(key)
@@ -268,7 +337,21 @@ def quality_report(reward_objects: dict, held_out: rewards.RewardInputs, held_ou
                                              held_out, held_out_ids)
         random_rank = rewards.reward_quality(reward, held_out, alternatives["random"],
                                              random_traj, random_ids)
+        gate = {}
+        if kind not in ("sparse", "dense"):  # they score the recorded transition only
+            gate["xyz_ranking_accuracy"] = gates.xyz_ranking_accuracy(
+                reward, held_out, jax.random.fold_in(key, 2), q.n_alternatives, q.noise_scale)
+        if reference is not None:
+            order = gates.return_order(reward, reference, float(config.sac.discount))
+            gate["return_order_kendall_tau"] = {k: order[k] for k in ("kendall_tau_success",
+                                                                       "kendall_tau_dense")}
+            gate["reference_discounted_return"] = order["discounted_return"]
+            taus = list(gate["return_order_kendall_tau"].values())
+            gate["gates_passed"] = bool(
+                gate.get("xyz_ranking_accuracy", 1.0) >= q.gate_xyz_accuracy
+                and all(np.isfinite(t) and t >= q.gate_kendall_tau for t in taus))
         out[kind] = {
+            **gate,
             "ranking_accuracy_vs_perturbed": expert_traj["ranking_accuracy"],
             "ranking_accuracy_vs_random": random_rank["ranking_accuracy"],
             "expert_reward_mean": expert_traj["expert_reward_mean"],
@@ -281,6 +364,10 @@ def quality_report(reward_objects: dict, held_out: rewards.RewardInputs, held_ou
         }
     return {"n_heldout_steps": int(action.shape[0]), "n_random_steps": int(len(random_ids)),
             "noise_scale": q.noise_scale, "n_alternatives": q.n_alternatives,
+            "gate_thresholds": {"xyz_ranking_accuracy": q.gate_xyz_accuracy,
+                                "kendall_tau": q.gate_kendall_tau},
+            "reference_policies": (gates.reference_summary(reference)
+                                   if reference is not None else None),
             "note": "sparse/dense score the recorded transition only (not a counterfactual "
                     "action), so their ranking accuracy is 0.5 by construction; null = "
                     "undefined correlation (a constant reward)",
@@ -316,25 +403,106 @@ def aggregate_curves(curves: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+def success_auc(curve: dict) -> float:
+    """Mean eval success over training: the area under the success curve over its steps."""
+    steps, success = np.asarray(curve["step"], np.float64), np.asarray(curve["success"])
+    if len(steps) < 2:
+        return float(success.mean()) if len(success) else float("nan")
+    return float(np.trapezoid(success, steps) / (steps[-1] - steps[0]))
+
+
 def summarize_variant(per_seed: list[dict]) -> dict[str, float]:
-    """Final success / return mean +- std over seeds (std: population, ddof = 0)."""
-    success = np.array([r["final_success"] for r in per_seed])
-    ret = np.array([r["final_return"] for r in per_seed])
-    return {"success_mean": float(success.mean()), "success_std": float(success.std()),
-            "return_mean": float(ret.mean()), "return_std": float(ret.std()),
-            "n_seeds": len(per_seed)}
+    """Final success / success AUC / return, mean +- std over seeds (population, ddof = 0)."""
+    out = {"n_seeds": len(per_seed)}
+    for name, key in (("success", "final_success"), ("auc", "success_auc"),
+                      ("return", "final_return")):
+        values = np.array([r[key] for r in per_seed], np.float64)
+        out[f"{name}_mean"], out[f"{name}_std"] = float(values.mean()), float(values.std())
+    return out
+
+
+# The paper's claim, as differences of final success paired by seed (a minus b).
+COMPARISONS = (("centered+sparse", "sparse"), ("centered", "raw"), ("centered+sparse", "dense"),
+               ("advantage", "centered"), ("centered+sparse", "adversarial"))
+
+
+def comparisons(variants: dict) -> dict:
+    """Paired-bootstrap 95% CIs of final-success and AUC differences for COMPARISONS whose
+    kinds both ran, over the seeds both have."""
+    out = {}
+    for a, b in COMPARISONS:
+        if a not in variants or b not in variants:
+            continue
+        seeds_a = {r["seed"]: r for r in variants[a]["per_seed"]}
+        seeds_b = {r["seed"]: r for r in variants[b]["per_seed"]}
+        common = sorted(set(seeds_a) & set(seeds_b))
+        out[f"{a} - {b}"] = {
+            metric: statistics.paired_bootstrap_ci([seeds_a[s][key] for s in common],
+                                                   [seeds_b[s][key] for s in common])
+            for metric, key in (("final_success", "final_success"), ("success_auc", "success_auc"))}
+        out[f"{a} - {b}"]["n_seeds"] = len(common)
+    return out
+
+
+def verdict(variants: dict, diffs: dict, quality: dict) -> dict:
+    """The rule fixed before running (README): supported / refuted / inconclusive."""
+    needed = ("sparse", "dense", "raw", "centered", "centered+sparse")
+    missing = [k for k in needed if k not in variants]
+    if missing:
+        return {"verdict": "inconclusive", "why": f"kinds not run: {missing}"}
+    gates_pass = all(quality["kinds"].get(k, {}).get("gates_passed") for k in
+                     ("centered", "centered+sparse"))
+    dense = variants["dense"]["final"]["success_mean"]
+    cs = variants["centered+sparse"]["final"]["success_mean"]
+    d_sparse = diffs["centered+sparse - sparse"]["final_success"]
+    d_raw = diffs["centered - raw"]["final_success"]
+    checks = {"centered+sparse - sparse >= 0.3 with CI above 0":
+              d_sparse["mean"] >= 0.3 and d_sparse["low"] > 0,
+              "centered - raw CI above 0": d_raw["low"] > 0,
+              "centered+sparse within 0.15 of dense": dense - cs <= 0.15}
+    refute = {"gates pass (centered, centered+sparse)": gates_pass,
+              "dense >= 0.7": dense >= 0.7,
+              "CI of centered+sparse - sparse includes 0, upper bound < 0.15":
+              d_sparse["low"] <= 0 <= d_sparse["high"] and d_sparse["high"] < 0.15}
+    if all(checks.values()):
+        result = "supported"
+    elif all(refute.values()):
+        result = "refuted"
+    else:
+        result = "inconclusive"
+    return {"verdict": result, "supported_if": checks, "refuted_if": refute}
 
 
 def results_markdown(results: dict) -> str:
     lines = [f"# SAC on {results['task']} ({results['env_steps']} env steps, "
              f"{len(results['seeds'])} seeds, {results['eval_episodes']} eval episodes each)", "",
-             "| reward | success (mean ± std) | return (mean ± std) | seeds | wall time, this invocation (s) |",
-             "|---|---|---|---|---|"]
+             "| reward | final success (mean ± std) | success AUC | return (mean ± std) "
+             "| gates | seeds | SAC time, summed over seeds (s) |",
+             "|---|---|---|---|---|---|---|"]
     for kind, v in results["variants"].items():
         f = v["final"]
+        gate = {True: "pass", False: "fail", None: "n/a"}[v.get("gates_passed")]
         lines.append(f"| {kind} | {f['success_mean']:.2f} ± {f['success_std']:.2f} | "
-                     f"{f['return_mean']:.1f} ± {f['return_std']:.1f} | {f['n_seeds']} | "
+                     f"{f['auc_mean']:.2f} ± {f['auc_std']:.2f} | "
+                     f"{f['return_mean']:.1f} ± {f['return_std']:.1f} | {gate} | {f['n_seeds']} | "
                      f"{v['wall_time_s']:.0f} |")
+    if results.get("comparisons"):
+        lines += ["", "Differences of final success (and AUC), paired by seed, mean "
+                  "[95% paired-bootstrap CI]:", "", "| a - b | final success | success AUC | seeds |",
+                  "|---|---|---|---|"]
+        for name, d in results["comparisons"].items():
+            fs, auc = d["final_success"], d["success_auc"]
+            lines.append(f"| {name} | {fs['mean']:+.2f} [{fs['low']:+.2f}, {fs['high']:+.2f}] | "
+                         f"{auc['mean']:+.2f} [{auc['low']:+.2f}, {auc['high']:+.2f}] | "
+                         f"{d['n_seeds']} |")
+    if results.get("verdict"):
+        v = results["verdict"]
+        lines += ["", f"**Verdict on the paper's claim: {v['verdict']}.**"]
+        for rule in ("supported_if", "refuted_if"):
+            for check, ok in v.get(rule, {}).items():
+                lines.append(f"- {rule.replace('_', ' ')}: {check}: {'yes' if ok else 'no'}")
+        if "why" in v:
+            lines.append(f"- {v['why']}")
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +530,73 @@ def plot_curves(path: str, results: dict) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+def sac_throughput(config, n_runs: int, wall_s: float) -> dict[str, float]:
+    """Env steps/s and gradient updates/s of n_runs SAC runs in wall_s (evaluation and
+    warm-up included; a resumed invocation counts only what it ran, so read it fresh)."""
+    steps = int(config.sac.total_env_steps)
+    updates = max(steps - int(config.sac.warmup_env_steps), 0) * int(config.sac.utd_ratio)
+    wall_s = max(wall_s, 1e-9)
+    return {"env_steps_per_s": n_runs * steps / wall_s, "updates_per_s": n_runs * updates / wall_s}
+
+
+def build_reward_objects(kinds, config, scales: dict, **build_kwargs) -> dict:
+    """{kind: reward} scaled by `scales` (reward_scales), each checked against the env."""
+    out = {}
+    for kind in kinds:
+        scaling = ({} if kind == "adversarial" else
+                   dict(scale=scales[kind]["scale"], success_weight=scales[kind]["success_weight"]))
+        reward = build_reward(kind, config, **build_kwargs, **scaling)
+        rewards.check_reward_compatibility(reward, build_kwargs["obs_dim"], build_kwargs["act_dim"])
+        out[kind] = reward
+    return out
+
+
+_WORKER: dict = {}  # a SAC worker process's config and rewards, built once by _worker_init
+
+
+def _worker_init(config, workdir: str, task: str, build_kwargs: dict, scales: dict) -> None:
+    """Rebuilds the rewards in a spawned worker from host arrays (no reward-model training:
+    the parent trained it; energy = (host params, obs normalizer, action normalizer))."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.log.progress = False
+    if build_kwargs["energy"] is not None:
+        params, obs_norm, act_norm = build_kwargs["energy"]
+        obs_shape, action_shape = reward_model_shapes(config, build_kwargs["obs_dim"],
+                                                      build_kwargs["act_dim"])
+        model = EnergyFlowModel.create(config.reward_model.model, obs_shape=obs_shape,
+                                       action_shape=action_shape)
+        build_kwargs = build_kwargs | {"energy": (model, jax.device_put(params), obs_norm, act_norm)}
+    _WORKER.update(config=config, workdir=workdir, task=task,
+                   rewards=build_reward_objects(list(scales), config, scales, **build_kwargs))
+
+
+def _worker_run(kind: str, seed: int) -> dict:
+    w = _WORKER
+    return run_seed(w["config"], os.path.join(w["workdir"], kind, f"seed{seed}"), w["task"], seed,
+                    w["rewards"][kind])
+
+
+def _run_in_workers(config, workdir: str, task: str, runs: list, build_kwargs: dict,
+                    scales: dict) -> dict:
+    """The (kind, seed) runs spread over config.num_workers spawned processes; results by run."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds XLA threads
+    with ProcessPoolExecutor(int(config.num_workers), mp_context=ctx, initializer=_worker_init,
+                             initargs=(config, workdir, task, build_kwargs, scales)) as pool:
+        futures = {run: pool.submit(_worker_run, *run) for run in runs}
+        bar = tqdm(total=len(runs), desc="sac runs", disable=not config.log.progress, unit="run")
+        out = {}
+        try:
+            for run, future in futures.items():
+                out[run] = future.result()
+                bar.update(1)
+        finally:
+            bar.close()
+    return out
+
+
 def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
     """train_sac for one seed (resumes); final eval metrics read back from metrics.jsonl."""
     sac_config = ml_collections.ConfigDict(config.sac.to_dict())
@@ -370,13 +605,16 @@ def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
     env_fns = [make_env_fn(task, 1000 * seed + i, config.max_episode_steps)
                for i in range(config.num_envs)]
     eval_fn = make_env_fn(task, 1000 * seed + 999, config.max_episode_steps)
+    t0 = time.perf_counter()
     train_sac(sac_config, env_fns, reward, run_dir, eval_env_fn=eval_fn,
               progress=bool(config.log.progress))
+    wall = time.perf_counter() - t0
     curve = eval_curve(read_metrics(run_dir))
     if not curve["step"]:
         raise RuntimeError(f"{run_dir}: no eval in metrics.jsonl")
     return {"seed": seed, "final_step": curve["step"][-1], "final_success": curve["success"][-1],
-            "final_return": curve["return"][-1], "curve": curve}
+            "success_auc": success_auc(curve), "final_return": curve["return"][-1],
+            "wall_time_s": wall, "curve": curve}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -390,13 +628,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir = reward_model_dir(config, workdir)
     obs_shape, action_shape = reward_model_shapes(config, obs_dim, act_dim)
     if needs_energy:  # a saved model for other shapes fails now, not after collecting demos
-        check_saved_spec(model_dir, task, obs_shape, action_shape)
+        check_saved_spec(model_dir, task, obs_shape, action_shape, _normalization_spec(config))
     os.makedirs(workdir, exist_ok=True)
     progress = bool(config.log.progress)
 
     episodes = demos.load_or_collect(demos.demo_cache_path(config, workdir, task), task,
                                      config.data.n_demos, config.data.demo_seed,
-                                     max_steps=config.data.max_steps, progress=progress)
+                                     max_steps=config.data.max_steps, progress=progress,
+                                     steps_after_success=int(config.data.steps_after_success))
     n_train = len(episodes) - config.data.n_heldout
     if n_train < 1 or config.data.n_heldout < 1:
         raise ValueError(f"data.n_demos={config.data.n_demos} must exceed "
@@ -405,61 +644,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     horizon = config.reward_model.data.obs_horizon
 
     timing = {}
+    normalizers = reward_normalizers(config, train_episodes, act_dim)
     energy, reward_model_info = None, None
     if needs_energy:
         t0 = time.perf_counter()
-        *energy, reward_model_info = train_reward_model(config, model_dir, train_episodes, task)
+        *energy, reward_model_info = train_reward_model(config, model_dir, train_episodes, task,
+                                                        normalizers)
+        normalizers = tuple(energy[2:])  # a resumed or shared model's own statistics
         timing["reward_model_s"] = time.perf_counter() - t0
     expert_train, _ = expert_reward_inputs(train_episodes, horizon)
-
-    # Every reward is built and checked against the env before any SAC training.
-    # Quality report: the kinds run, plus raw vs centered whenever there is an energy.
-    quality_kinds = ["raw", "centered"] if energy is not None else []
-    energy_scale = float(config.reward.energy_scale)
-    if energy is not None and energy_scale <= 0:
-        raw = build_reward("raw", config, obs_dim=obs_dim, act_dim=act_dim, energy=energy)
-        energy_scale = auto_energy_scale(raw, expert_train, 2048, config.quality.seed)
-    timing["energy_scale"] = energy_scale
-    reward_objects = {}
-    for kind in dict.fromkeys(kinds + quality_kinds):
-        reward = build_reward(kind, config, obs_dim=obs_dim, act_dim=act_dim, energy=energy,
-                              expert_inputs=expert_train, energy_scale=energy_scale)
-        rewards.check_reward_compatibility(reward, obs_dim, act_dim)
-        reward_objects[kind] = reward
-
-    t0 = time.perf_counter()
-    held_out, held_out_ids = expert_reward_inputs(heldout_episodes, horizon)
     random_traj, random_ids = random_policy_inputs(task, config.quality.n_random_episodes,
                                                    config.max_episode_steps, horizon,
                                                    config.quality.seed)
+
+    # Every reward is scaled by one rule, built and checked against the env before any
+    # SAC training. The quality report also covers the environment's rewards and, with an
+    # energy, raw, centered and advantage.
+    quality_kinds = ["sparse", "dense"] + (["raw", "centered", "advantage"] if energy else [])
+    build_kwargs = dict(obs_dim=obs_dim, act_dim=act_dim, energy=energy,
+                        normalizers=normalizers, expert_inputs=expert_train)
+    all_kinds = list(dict.fromkeys(kinds + quality_kinds))
+    calibration = jax.tree.map(lambda a, b: np.concatenate([a, b]), expert_train, random_traj)
+    scales = reward_scales(all_kinds, config, calibration, **build_kwargs)
+    timing["reward_scales"] = scales
+    reward_objects = build_reward_objects(all_kinds, config, scales, **build_kwargs)
+
+    t0 = time.perf_counter()
+    held_out, held_out_ids = expert_reward_inputs(heldout_episodes, horizon)
+    q = config.quality
+    reference = gates.rollout_reference_policies(
+        task, q.n_gate_episodes, config.max_episode_steps, horizon, q.seed,
+        noise_scales=tuple(q.gate_noise_scales), delay=q.gate_delay, progress=progress)
     quality = quality_report(reward_objects, held_out, held_out_ids, random_traj, random_ids,
-                             config)
+                             config, reference)
     run_dir.write_json(os.path.join(workdir, "reward_quality.json"), quality)
     timing["reward_quality_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    runs = [(kind, seed) for kind in kinds for seed in seeds]
+    if int(config.num_workers) > 1:
+        host_energy = None if energy is None else (jax.device_get(energy[1]), *energy[2:])
+        outcomes = _run_in_workers(config, workdir, task, runs, build_kwargs | {"energy": host_energy},
+                                   {k: scales[k] for k in kinds})
+    else:
+        outcomes = {(kind, seed): run_seed(config, os.path.join(workdir, kind, f"seed{seed}"),
+                                           task, seed, reward_objects[kind])
+                    for kind, seed in runs}
+    timing["sac_s"] = time.perf_counter() - t0
+    timing["sac_throughput"] = sac_throughput(config, len(runs), timing["sac_s"])
     variants = {}
     for kind in kinds:
-        t0 = time.perf_counter()
-        per_seed = [run_seed(config, os.path.join(workdir, kind, f"seed{seed}"), task, seed,
-                             reward_objects[kind]) for seed in seeds]
+        per_seed = [outcomes[kind, seed] for seed in seeds]
         variants[kind] = {
             "final": summarize_variant(per_seed),
             "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in per_seed],
             "curve": aggregate_curves([r["curve"] for r in per_seed]),
-            "wall_time_s": time.perf_counter() - t0,  # this invocation (resumed seeds are fast)
+            "wall_time_s": sum(r["wall_time_s"] for r in per_seed),  # summed over its runs
+            "gates_passed": quality["kinds"].get(kind, {}).get("gates_passed"),
+            "reward_scale": scales[kind],
         }
-        print(f"{kind}: {variants[kind]['final']} in {variants[kind]['wall_time_s']:.0f} s",
-              flush=True)
+        print(f"{kind}: {variants[kind]['final']}", flush=True)
 
     results = {"task": task, "seeds": seeds, "env_steps": int(config.sac.total_env_steps),
                "num_envs": int(config.num_envs), "eval_episodes": int(config.sac.eval_episodes),
                "max_episode_steps": int(config.max_episode_steps), "variants": variants}
+    results["comparisons"] = comparisons(variants)
+    results["verdict"] = verdict(variants, results["comparisons"], quality)
     markdown = results_markdown(results)
     wall = time.perf_counter() - t_start
     report = {"config": config.to_dict(), "task": task, "kinds": kinds, "seeds": seeds,
               "final_metrics": {k: v["final"] for k, v in variants.items()},
-              "reward_quality": {k: {m: v[m] for m in ("ranking_accuracy_vs_perturbed",
-                                                       "ranking_accuracy_vs_random")}
+              "reward_quality": {k: {m: v.get(m) for m in (
+                                     "gates_passed", "xyz_ranking_accuracy",
+                                     "return_order_kendall_tau",
+                                     "ranking_accuracy_vs_perturbed",
+                                     "ranking_accuracy_vs_random")}
                                  for k, v in quality["kinds"].items()},
               "reward_model": reward_model_info, "timing": timing,
               "variant_wall_time_s": {k: v["wall_time_s"] for k, v in variants.items()},

@@ -367,8 +367,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return _correlation("spearman", x, y)
 
 
+def score_transitions(reward, inputs: RewardInputs) -> jax.Array:
+    """reward(inputs) compiled once per reward structure: a `Reward`'s arrays are passed as
+    arguments, not baked into the program; any other callable is jitted as a function."""
+    if isinstance(reward, Reward):
+        return _score_reward(reward, inputs)
+    return jax.jit(reward)(inputs)
+
+
 @jax.jit
-def _apply_reward(reward: Reward, inputs: RewardInputs) -> jax.Array:
+def _score_reward(reward: Reward, inputs: RewardInputs) -> jax.Array:
     return reward(inputs)
 
 
@@ -402,7 +410,7 @@ def reward_quality(
     """
     if isinstance(reward_fn, Reward):  # pass its arrays as arguments, not as constants
         r_expert, r_alt = _rank_scores(reward_fn, expert, alternative_actions)
-        reward_fn = functools.partial(_apply_reward, reward_fn)
+        reward_fn = functools.partial(_score_reward, reward_fn)
     else:
         r_expert, r_alt = jax.jit(functools.partial(_rank_scores_of, reward_fn))(
             expert, alternative_actions)
@@ -422,5 +430,6 @@ def reward_quality(
             episode_ids = np.asarray(episode_ids)
             per_episode = [_spearman(r[episode_ids == e], dense[episode_ids == e])
                            for e in np.unique(episode_ids)]
-            out["spearman_within_episode"] = float(np.nanmean(per_episode))
+            defined = [x for x in per_episode if np.isfinite(x)]
+            out["spearman_within_episode"] = float(np.mean(defined)) if defined else float("nan")
     return out

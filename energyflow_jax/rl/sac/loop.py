@@ -99,10 +99,12 @@ class _HostEnvs:
             env.close()
 
 
-def evaluate(agent: SACAgent, env_fn: Callable[[], gym.Env], num_episodes: int,
-             seed: int) -> dict[str, float]:
-    """Deterministic-policy return and success rate (any success in an episode)."""
-    env = env_fn()
+def evaluate(agent: SACAgent, env: gym.Env, num_episodes: int, seed: int) -> dict[str, float]:
+    """Deterministic-policy return and success rate (any success in an episode).
+
+    `env` is the run's one evaluation env: Meta-World draws each episode's layout from
+    its own generator, so successive evaluations see different layouts.
+    """
     space = env.action_space
     low, high = np.asarray(space.low, np.float32), np.asarray(space.high, np.float32)
     returns, successes, lengths = [], [], []
@@ -116,7 +118,6 @@ def evaluate(agent: SACAgent, env_fn: Callable[[], gym.Env], num_episodes: int,
             succ = max(succ, float(info.get("success", 0.0)))
             done = term or trunc
         returns.append(ret), successes.append(succ), lengths.append(length)
-    env.close()
     return {"eval/return": float(np.mean(returns)), "eval/success": float(np.mean(successes)),
             "eval/length": float(np.mean(lengths))}
 
@@ -241,6 +242,8 @@ def train_sac(
     spec = run_dir.run_spec(config.to_dict(), None)
     cleanup = contextlib.ExitStack()  # the envs and the workdir lock; closed last
     cleanup.callback(envs.close)
+    eval_env: list[gym.Env] = []  # made at the first evaluation, kept for the run
+    cleanup.callback(lambda: [env.close() for env in eval_env])
     try:
         cleanup.enter_context(run_dir.workdir_lock(workdir))
         state, start_step = run_dir.restore_verified(workdir, state, spec,
@@ -325,7 +328,9 @@ def train_sac(
                     record.update({f"episode/{k}": float(np.mean(v)) for k, v in window.items()})
                     window = {k: [] for k in window}
             if env_step % config.eval_every == 0 or env_step >= config.total_env_steps:
-                eval_metrics = evaluate(state.agent, eval_env_fn, config.eval_episodes,
+                if not eval_env:
+                    eval_env.append(eval_env_fn())
+                eval_metrics = evaluate(state.agent, eval_env[0], config.eval_episodes,
                                         config.seed)
                 record.update(eval_metrics)
                 bar.set_postfix(ret=f"{eval_metrics['eval/return']:.1f}")
