@@ -64,7 +64,8 @@ def test_unknown_task_lists_valid_names():
 
 
 def _fake_collect(calls):
-    def collect(task, n_episodes, seed, max_steps=500, progress=True, successful_only=True):
+    def collect(task, n_episodes, seed, max_steps=500, progress=True, successful_only=True,
+                steps_after_success=0):
         calls.append((task, n_episodes, seed))
         rng = np.random.default_rng(seed)
         return [
@@ -73,6 +74,7 @@ def _fake_collect(calls):
                 "actions": rng.uniform(-1, 1, (5 + i, md.ACTION_DIM)).astype(np.float32),
                 "rewards": np.ones(5 + i, np.float32),
                 "success": True,
+                "success_step": 4 + i,
                 "config_index": i,
                 "rand_vec": rng.uniform(size=3),
                 "n_attempts": n_episodes,

@@ -173,3 +173,24 @@ def test_bad_reward_inputs_fail_fast(tmp_path):
     md.save_demo_cache(path, episodes, md._requested_provenance("button-press-v3", 1, 0, 200, True))
     with pytest.raises(md.DemoCacheError, match="actions holds NaN"):
         md.read_demo_cache(path)
+
+
+def test_shared_reward_model_must_exist_be_complete_and_match(tmp_path):
+    missing = config_lib.load("sweeps/sac.py:tiny", {"reward.model_dir": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="does not exist"):
+        sac_experiment.train_and_evaluate(missing, str(tmp_path / "run"))
+    partial_dir = tmp_path / "partial"
+    partial_dir.mkdir()
+    (partial_dir / sac_experiment.SPEC_FILE).write_text("{}")
+    partial = config_lib.load("sweeps/sac.py:tiny", {"reward.model_dir": str(partial_dir)})
+    with pytest.raises(ValueError, match=r"not a complete reward model: missing \['normalizers"):
+        sac_experiment.train_and_evaluate(partial, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # Trained on other reward inputs: refused by its spec.
+    spec = {"task": "button-press-v3", "obs_shape": [2, 39], "action_shape": [1, 4],
+            "normalization": {"obs_min_std": 0.01, "action_space": "standardized",
+                              "action_min_std": 0.01}}
+    (partial_dir / sac_experiment.SPEC_FILE).write_text(__import__("json").dumps(spec))
+    with pytest.raises(ValueError, match="normalized as"):
+        sac_experiment.check_saved_spec(str(partial_dir), "button-press-v3", (2, 39), (1, 4),
+                                        sac_experiment._normalization_spec(partial))

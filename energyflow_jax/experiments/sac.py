@@ -145,6 +145,25 @@ def reward_model_dir(config, workdir: str) -> str:
     return config.reward.model_dir or os.path.join(workdir, "reward_model")
 
 
+def check_shared_model_dir(config) -> None:
+    """A reward.model_dir given by the user must hold a complete reward model (its spec,
+    normalizers and a checkpoint): a missing or half-copied one is refused, not retrained."""
+    model_dir = config.reward.model_dir
+    if not model_dir:
+        return
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"reward.model_dir={model_dir!r} does not exist; leave it empty to "
+                         "train a reward model in <workdir>/reward_model")
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    missing = [name for name in (SPEC_FILE, NORMALIZERS_FILE)
+               if not os.path.isfile(os.path.join(model_dir, name))]
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        missing.append("checkpoints/<step>")
+    if missing:
+        raise ValueError(f"reward.model_dir={model_dir!r} is not a complete reward model: "
+                         f"missing {missing}")
+
+
 def reward_model_shapes(config, obs_dim: int, act_dim: int) -> tuple[tuple, tuple]:
     """(obs_shape, action_shape) of the reward model for this env: one action per chunk."""
     if config.reward_model.data.pred_horizon != 1:
@@ -628,6 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir = reward_model_dir(config, workdir)
     obs_shape, action_shape = reward_model_shapes(config, obs_dim, act_dim)
     if needs_energy:  # a saved model for other shapes fails now, not after collecting demos
+        check_shared_model_dir(config)
         check_saved_spec(model_dir, task, obs_shape, action_shape, _normalization_spec(config))
     os.makedirs(workdir, exist_ok=True)
     progress = bool(config.log.progress)

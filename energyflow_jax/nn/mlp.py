@@ -1,4 +1,4 @@
-"""A plain ReLU MLP with orthogonal init (SAC's actor and critics, the AIRL discriminator)."""
+"""A plain ReLU MLP with orthogonal init (SAC's actor and critics, the adversarial discriminator)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.learning_rate = 3e-4
     c.batch_size = 256  # expert samples per update (policy batch comes from SAC's batch)
     # Weight of E ||grad_x f(x_mix)||^2. It trades separation for smoothness: on the 2-D
-    # toy of tests/test_airl.py, 0 / 0.1 / 1.0 gave held-out accuracy 0.99 / 0.93 / 0.91
+    # toy of tests/test_adversarial.py, 0 / 0.1 / 1.0 gave held-out accuracy 0.99 / 0.93 / 0.91
     # and expert-minus-random reward gaps of 12 / 1.3 / 0.2 after 500 steps.
     c.grad_penalty = 0.1
     c.reward_clip = 10.0  # on the unit-std scale
@@ -92,7 +92,7 @@ def discriminator_loss(params, state: DiscriminatorState, expert: RewardInputs,
     f_policy = apply({"params": params}, x_policy)
     # -log D(expert) - log(1 - D(policy)), written stably with softplus.
     bce = jax.nn.softplus(-f_expert).mean() + jax.nn.softplus(f_policy).mean()
-    # Pairs rows of the two batches; their sizes (airl batch_size, SAC batch_size) may differ.
+    # Pairs rows of the two batches; their sizes (the discriminator's batch_size, SAC's) may differ.
     n = min(x_expert.shape[0], x_policy.shape[0])
     u = jax.random.uniform(rng, (n, 1))
     x_mix = u * x_expert[:n] + (1.0 - u) * x_policy[:n]
