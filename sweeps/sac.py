@@ -86,7 +86,7 @@ def _tiny(c):
     c.reward_model.model.head_dims = (32,)
     c.reward_model.model.state_emb_dim = 16
     c.reward_model.model.time_emb_dim = 16
-    c.reward_model.optim.total_steps = 300
+    c.reward_model.optim.total_steps = 600  # the raw action box needs more steps than 300
     c.reward_model.optim.warmup_steps = 20
     c.reward_model.optim.ema_decay = 0.99
     c.reward_model.train.batch_size = 64
