@@ -52,7 +52,6 @@ import pickle
 import warnings
 import zipfile
 import zlib
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -336,13 +335,7 @@ def expert_success_rate(episodes: list[dict[str, Any]]) -> float:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages the demos depend on (part of the cache provenance)."""
-    versions = {}
-    for package in ("metaworld", "mujoco", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    return run_dir.package_versions(("metaworld", "mujoco", "numpy"))
 
 
 def _requested_provenance(task, n_episodes, seed, max_steps, successful_only,

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 
 from energyflow_jax.data import robomimic
 from energyflow_jax.data.robomimic_sim import RobomimicSim, default_env_args
+from energyflow_jax.io import run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -197,22 +197,12 @@ def collect_demos(task: str, n_demos: int, seed: int, max_steps: int | None = No
     return episodes[:n_demos], tried
 
 
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("robosuite", "mujoco", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def requested_provenance(task: str, n_demos: int, seed: int, max_steps: int) -> dict[str, Any]:
     """Everything that determines a generated file's content; reused only if all match."""
     return {"format_version": CACHE_FORMAT_VERSION, "task": task, "seed": int(seed),
             "n_episodes": int(n_demos), "max_steps": int(max_steps), "layout_split": "demo",
             "expert": "scripted waypoints (energyflow_jax.data.robomimic_demos)",
-            "versions": package_versions()}
+            "versions": run_dir.package_versions(("robosuite", "mujoco", "numpy"))}
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

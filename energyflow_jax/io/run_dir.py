@@ -14,6 +14,7 @@ import secrets
 import sys
 import time
 import warnings
+from importlib import metadata
 from typing import Any, BinaryIO, Callable
 
 import jax
@@ -462,3 +463,14 @@ def workdir_lock(workdir: str):
     finally:
         os.close(fd)  # releases the lock
 
+
+def package_versions(packages) -> dict[str, str]:
+    """{package: installed version or "not installed"}: the part of a cache's provenance
+    that says which simulator produced it."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
