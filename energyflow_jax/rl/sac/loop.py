@@ -136,14 +136,31 @@ class LoopState(struct.PyTreeNode):
     episode_counts: jax.Array  # (num_envs,) episodes started per env (reset seeds)
 
 
+def _act(agent: SACAgent, rng: jax.Array, obs: jax.Array, random: jax.Array) -> jax.Array:
+    """The next actions in [-1, 1]: uniform while `random` (warm-up), else the policy's.
+
+    The key is folded from the loop's RNG as it stands after a step, so a resumed run
+    draws the same first actions as the uninterrupted one did. `random` is traced (both
+    are drawn; they are cheap) so warm-up and training share one compiled step.
+    """
+    key = jax.random.fold_in(rng, 1)
+    policy = sample_actions(agent, key, obs)
+    uniform = jax.random.uniform(key, policy.shape, minval=-1.0, maxval=1.0)
+    return jnp.where(random, uniform, policy)
+
+
+_first_actions = jax.jit(_act)
+
+
 @functools.partial(jax.jit, static_argnames=("num_updates", "batch_size", "learned_reward"),
                    donate_argnames=("state",))
-def _learn(state: LoopState, transitions: Batch, reward: Any, num_updates: int,
-           batch_size: int, learned_reward: Any):
-    """Score + insert one vector step of transitions, then `num_updates` SAC updates.
+def _step(state: LoopState, transitions: Batch, next_obs: jax.Array, reward: Any,
+          num_updates: int, batch_size: int, learned_reward: Any, random: jax.Array):
+    """One vector step on the device: score + insert the transitions, `num_updates` SAC
+    updates, then the actions for `next_obs` (the observations after any resets).
 
-    One compiled call per environment step keeps host<->device round trips down; the
-    loop state is donated so the replay buffer is updated in place.
+    One compiled call and one host sync (actions and rewards) per environment step, with
+    every RNG split inside; the loop state is donated so the buffer is updated in place.
     """
     reward_inputs = transitions["reward_inputs"]
     if learned_reward is None:  # fixed reward: score once, store only the reward
@@ -159,7 +176,7 @@ def _learn(state: LoopState, transitions: Batch, reward: Any, num_updates: int,
         agent, reward_state, metrics = scan_updates(agent, buffer, update_key, num_updates,
                                                     batch_size, learned_reward, reward_state)
     state = state.replace(agent=agent, buffer=buffer, rng=rng, reward_state=reward_state)
-    return state, rewards, metrics
+    return state, rewards, _act(agent, rng, next_obs, random), metrics
 
 
 # SAC settings a resumed run may change: when it logs, evaluates and saves, and how
@@ -273,22 +290,17 @@ def train_sac(
             env_step=jnp.asarray(step, jnp.int32),
             episode_counts=jnp.asarray(envs.episode_counts, jnp.int32)), spec)
 
+    # Actions for the first step; afterwards each _step returns the next ones.
+    actions = np.asarray(_first_actions(state.agent, state.rng, envs.obs,
+                                        env_step < config.warmup_env_steps), np.float32)
     try:
         while env_step < config.total_env_steps:
-            rng, act_key = jax.random.split(state.rng)
-            state = state.replace(rng=rng)
-            obs = jnp.asarray(envs.obs)
-            if env_step < config.warmup_env_steps:
-                actions = jax.random.uniform(act_key, (num_envs, envs.act_dim), minval=-1.0,
-                                             maxval=1.0)
-            else:
-                actions = sample_actions(state.agent, act_key, obs)
-            actions = np.asarray(actions, np.float32)
             env_actions = envs.to_env_action(actions)
             reward_obs = envs.obs_history.copy()
+            obs = envs.obs.copy()
             next_obs, env_reward, success, terminated, truncated = envs.step(env_actions)
             transitions = {
-                "obs": envs.obs.copy(),
+                "obs": obs,
                 "actions": actions,
                 "masks": 1.0 - terminated.astype(np.float32),
                 "next_obs": next_obs,
@@ -297,25 +309,36 @@ def train_sac(
                     env_reward=env_reward, success=success),
             }
             env_step += num_envs
-            num_updates = updates_per_step if env_step > config.warmup_env_steps else 0
-            state, step_rewards, update_metrics = _learn(
-                state, transitions, reward_arg, num_updates, config.batch_size, learned_arg)
-            if update_metrics:
-                last_metrics = update_metrics
 
-            # Host bookkeeping: episode statistics, history, resets.
+            # Host bookkeeping and resets come first: the next actions are drawn in the
+            # same compiled call for the observations that follow any reset.
             envs.episode_return += env_reward
-            envs.episode_reward += np.asarray(step_rewards)
             envs.episode_success = np.maximum(envs.episode_success, success)
             envs.episode_length += 1
             envs.obs_history = np.concatenate([envs.obs_history[:, 1:], next_obs[:, None]], 1)
-            for i in np.flatnonzero(terminated | truncated):
-                window["return"].append(envs.episode_return[i])
-                window["reward"].append(envs.episode_reward[i])
-                window["success"].append(envs.episode_success[i])
-                window["length"].append(envs.episode_length[i])
+            ended = np.flatnonzero(terminated | truncated)
+            ended_stats = [(envs.episode_return[i], envs.episode_reward[i],
+                            envs.episode_success[i], envs.episode_length[i]) for i in ended]
+            for i in ended:
                 envs.episode_counts[i] += 1
                 envs.reset(i)
+
+            num_updates = updates_per_step if env_step > config.warmup_env_steps else 0
+            state, step_rewards, actions, update_metrics = _step(
+                state, transitions, envs.obs, reward_arg, num_updates,
+                config.batch_size, learned_arg, env_step < config.warmup_env_steps)
+            actions = np.asarray(actions, np.float32)  # the step's one host sync
+            step_rewards = np.asarray(step_rewards)
+            if update_metrics:
+                last_metrics = update_metrics
+            running = np.ones(num_envs, bool)
+            running[ended] = False
+            envs.episode_reward[running] += step_rewards[running]
+            for i, (ret, rew, succ, length) in zip(ended, ended_stats):
+                window["return"].append(ret)
+                window["reward"].append(rew + step_rewards[i])
+                window["success"].append(succ)
+                window["length"].append(length)
             bar.update(num_envs)
 
             record: dict[str, float] = {}
