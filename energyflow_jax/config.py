@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
         sigma_min=0.01, sigma_max=10.0, T=1.0,
         n_sample_steps=20,            # K Euler steps of the PF-ODE
         gamma=1e-3,                   # final time of the sampler and the reward
+        n_candidates=1,               # chunks drawn per observation; the policy executes
+                                      # the lowest-energy one (conservative models)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, weight_decay=1e-6, warmup_steps=500, total_steps=100_000,
@@ -165,6 +167,7 @@ _RANGES = {
     "diffusion.T": _number(lambda x: x > 0, "a number > 0"),
     "diffusion.gamma": _number(lambda x: x > 0, "a number > 0"),
     "diffusion.n_sample_steps": _int_at_least(1),
+    "diffusion.n_candidates": _int_at_least(1),
     "model.kind": _one_of("conservative", "free"),
     "model.arch": _one_of("unet", "mlp"),
     "model.dtype": _one_of("float32", "bfloat16"),

@@ -56,13 +56,18 @@ class Policy(struct.PyTreeNode):
                objective: str = "dsm") -> "Policy":
         """`action_bounds` clips the unnormalized chunk (None: no clipping).
         `objective` names the module of energyflow_jax.objectives whose `sample`
-        draws the chunks (the one the model was trained with)."""
+        draws the chunks (the one the model was trained with).
+        `diffusion_config.n_candidates` > 1 draws that many chunks per observation and
+        acts with the lowest-energy one (conservative models: the energy ranks them)."""
+        n_candidates = int(diffusion_config.get("n_candidates", 1))
+        _check_candidates(model, n_candidates)
         spec = {
             "format": SPEC_FORMAT, "objective": objective,
             "model": _plain(model_config),
             "obs_shape": list(model.obs_shape), "action_shape": list(model.action_shape),
             "n_sample_steps": int(diffusion_config.n_sample_steps),
             "gamma": float(diffusion_config.gamma), "T": float(diffusion_config.T),
+            "n_candidates": n_candidates,
             "sigma_min": float(diffusion_config.sigma_min),
             "sigma_max": float(diffusion_config.sigma_max),
             "action_bounds": None if action_bounds is None else [float(b) for b in action_bounds],
@@ -74,6 +79,19 @@ class Policy(struct.PyTreeNode):
     @property
     def settings(self) -> dict:
         return json.loads(self.spec)
+
+    def with_settings(self, **changes) -> "Policy":
+        """The same arrays with other sampler settings (n_sample_steps, n_candidates), e.g.
+        to re-evaluate a saved policy: `Policy.load(dir).with_settings(n_candidates=8)`."""
+        allowed = ("n_sample_steps", "n_candidates")
+        unknown = sorted(set(changes) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown sampler settings {unknown}; these can change: {allowed}")
+        for key, value in changes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        _check_candidates(self.model, changes.get("n_candidates", 1))
+        return self.replace(spec=json.dumps(self.settings | changes, sort_keys=True))
 
     @property
     def schedule(self) -> dsm.VESchedule:
@@ -164,12 +182,19 @@ class Policy(struct.PyTreeNode):
         params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
         diffusion = ml_collections.ConfigDict({k: spec[k] for k in (
             "sigma_min", "sigma_max", "T", "n_sample_steps", "gamma")})
+        diffusion.n_candidates = int(spec.get("n_candidates", 1))  # older specs: 1
         bounds = spec["action_bounds"]
         return cls.create(model, model_config, diffusion, params,
                           Normalizer.identity(spec["obs_shape"][-1]),
                           Normalizer.identity(spec["action_shape"][-1]),
                           action_bounds=None if bounds is None else tuple(bounds),
                           objective=spec["objective"])
+
+
+def _check_candidates(model: EnergyFlowModel, n_candidates: int) -> None:
+    if n_candidates > 1 and model.kind != "conservative":
+        raise ValueError(f"n_candidates={n_candidates} ranks chunks by their energy; a "
+                         f"{model.kind!r} model has none (use n_candidates=1)")
 
 
 def _plain(config) -> dict:
@@ -182,8 +207,16 @@ def _act(policy: Policy, obs: jax.Array, rng: jax.Array) -> jax.Array:
     settings = policy.settings
     s = policy.obs_normalizer.normalize(obs)
     objective = importlib.import_module(f"energyflow_jax.objectives.{settings['objective']}")
-    a = objective.sample(policy.model, policy.params, s, rng, policy.schedule,
-                   settings["n_sample_steps"], settings["gamma"])
+    n = int(settings.get("n_candidates", 1))
+    if n == 1:
+        a = objective.sample(policy.model, policy.params, s, rng, policy.schedule,
+                             settings["n_sample_steps"], settings["gamma"])
+    else:  # n chunks per observation (candidate-major rows); keep the lowest energy
+        a, e = objective.sample(policy.model, policy.params, jnp.tile(s, (n, 1, 1)), rng,
+                                policy.schedule, settings["n_sample_steps"], settings["gamma"],
+                                return_energy=True)
+        a, e = a.reshape(n, s.shape[0], *a.shape[1:]), e.reshape(n, s.shape[0])
+        a = jnp.take_along_axis(a, jnp.argmin(e, axis=0)[None, :, None, None], axis=0)[0]
     a = policy.action_normalizer.unnormalize(a)
     if settings["action_bounds"] is not None:
         a = jnp.clip(a, *settings["action_bounds"])

@@ -15,7 +15,8 @@ or `data.filter_key`'s (e.g. "train"). Evaluation: held-out layouts in the env t
 file's env_args describe, the task's budget (400 or 700 steps).
 
 Presets:
-  default  CPU-sized: lift, MLP energy, 200 scripted demos, 15k steps.
+  default  CPU-sized: lift, MLP energy, 200 scripted demos, 30k steps, 4 actions
+           executed per chunk, the lowest-energy of 8 sampled chunks.
   paper    the published recipe: U-Net (64,128,256), 100k steps, batch 256, lr 1e-4,
            EMA 0.9999, 3 training seeds, 50 rollouts; accelerator-sized.
   tiny     seconds, for tests.
@@ -35,9 +36,12 @@ def _default(c):
     c.model.state_emb_dim = 64
     c.model.time_emb_dim = 64
     c.optim.learning_rate = 2e-3
-    c.optim.total_steps = 15_000
+    c.optim.total_steps = 30_000
     c.optim.warmup_steps = 200
     c.optim.ema_decay = 0.999
+    c.data.exec_horizon = 4
+    # The energy picks among 8 sampled chunks: the grasp is where single samples fail.
+    c.diffusion.n_candidates = 8
     c.train.steps_per_chunk = 250
     c.train.checkpoint_every_chunks = 4
     c.data.num_workers = 2

@@ -112,8 +112,8 @@ def test_adversarial_features_use_the_reward_models_normalizers():
     act_norm = Normalizer(mean=jnp.array([0.1, 0.0]), std=jnp.array([1.0, 0.5]))
     reward = rewards.make_reward_fn("adversarial", expert_inputs=expert,
                                     adversarial_config=small_disc_config(),
-                                    normalize_obs=obs_norm.normalize,
-                                    normalize_action=act_norm.normalize)
+                                    obs_normalizer=obs_norm,
+                                    action_normalizer=act_norm)
     state = reward.init(jax.random.PRNGKey(1))
     batch = toy_inputs(jax.random.PRNGKey(2), 8, expert=False)
     expected = jnp.concatenate([obs_norm.normalize(batch.obs).reshape(8, -1),

@@ -93,25 +93,45 @@ def _model_config(conv_impl, dtype="float32", precision="highest"):
     return c
 
 
-def test_model_forms_equal_lax_for_energy_and_score():
-    """The whole U-Net at batch 1, the sampler's case: GroupNorm and the batch-1
-    dots take other paths in the lax form than in the CPU forms (Winograd here,
-    forced: auto uses it from batch 32, the same arithmetic; the windows form is
-    compared per convolution above, as are second-order gradients, which through
-    the whole U-Net compile for minutes on 2 cores)."""
-    config = {form: _model_config(form) for form in ("lax", "winograd")}
-    for c in config.values():
-        c.down_dims = (8,)  # one level: strided and upsampling convs are compared above
-    models = {form: EnergyFlowModel.create(c, (2, 3), (3, 2)) for form, c in config.items()}
-    params = models["lax"].init(jax.random.PRNGKey(0))  # one set of arrays for every form
-    a = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 2))
-    s = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 3))
-    t = jax.random.uniform(jax.random.PRNGKey(3), (1,))
-    out = jax.device_get(jax.jit(lambda p: {
-        form: (m.energy(p, a, s, t), m.score(p, a, s, t)) for form, m in models.items()})(params))
-    chex.assert_shape(out["lax"][1], (1, 3, 2))
-    for name, g, r in zip(("energy", "score"), out["winograd"], out["lax"]):
-        assert _rel(g, r) < 5e-5, (name, _rel(g, r))
+@pytest.mark.slow
+@pytest.mark.parametrize("form,batch", [("windows", 1), ("winograd", 8)])
+def test_model_forms_equal_lax_for_dsm_gradient_and_sampler(form, batch):
+    """Through the whole one-level U-Net: energy, score, the DSM loss, its gradient in
+    the parameters (second order: the score is grad_a E) and a K=2 sampler's chunks, each
+    form against lax with the same parameters, inputs and keys. GroupNorm and the batch-1
+    dots take other paths in the lax form than in the CPU forms; strided and upsampling
+    convolutions are compared per convolution above. The batch is the one each form
+    serves (windows below 32, Winograd forced at 8: the same arithmetic as from 32)."""
+    models = {}
+    for name in ("lax", form):
+        c = _model_config(name)
+        c.down_dims = (8,)
+        models[name] = EnergyFlowModel.create(c, (2, 3), (4, 2))
+    params = models["lax"].init(jax.random.PRNGKey(0))
+    schedule = dsm.VESchedule.from_config(base_config().diffusion)
+    batch_data = {"actions": jax.random.normal(jax.random.PRNGKey(1), (batch, 4, 2)),
+                  "obs": jax.random.normal(jax.random.PRNGKey(2), (batch, 2, 3))}
+    key = jax.random.PRNGKey(3)
+    t = jax.random.uniform(jax.random.PRNGKey(4), (batch,))
+
+    def terms(model):
+        a, s = batch_data["actions"], batch_data["obs"]
+        loss, grads = jax.value_and_grad(dsm.dsm_loss, argnums=1)(model, params, batch_data,
+                                                                  key, schedule)
+        chunks = dsm.sample(model, params, s, key, schedule, n_steps=2)
+        return model.energy(params, a, s, t), model.score(params, a, s, t), loss, grads, chunks
+
+    out = jax.device_get(jax.jit(lambda: {name: terms(m) for name, m in models.items()})())
+    chex.assert_shape(out[form][1], (batch, 4, 2))
+    chex.assert_shape(out[form][4], (batch, 4, 2))
+    chex.assert_trees_all_equal_shapes(out[form][3], params)
+    for name, got, ref in zip(("energy", "score", "loss", "gradient", "sampler"), out[form],
+                              out["lax"]):
+        flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+                for tree in (got, ref)]
+        assert _rel(*flat) < 5e-5, (form, name, _rel(*flat))
+    # Not vacuous: the gradient reaches every leaf.
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(out["lax"][3]))
 
 
 def test_step_selection_and_group_norm_forms_agree():

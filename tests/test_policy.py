@@ -70,6 +70,41 @@ def test_energy_reads_unnormalized_inputs():
     np.testing.assert_allclose(policy.energy(obs, a), expected, rtol=1e-6)
 
 
+def test_candidates_act_with_the_lowest_energy_chunk():
+    """n_candidates=4: the executed chunk is, per observation, the candidate of least
+    energy among the 4 the sampler draws with the same key (candidate-major rows)."""
+    policy = _policy()
+    picky = policy.with_settings(n_candidates=4)
+    assert picky.settings["n_candidates"] == 4 and policy.settings["n_candidates"] == 1
+    obs = np.random.default_rng(5).normal(size=(3, 2, 3)).astype(np.float32)
+    rng = jax.random.PRNGKey(11)
+    chosen = np.asarray(picky.act(obs, rng))
+    chex.assert_shape(chosen, (3, 4, 2))
+    # The candidates: the plain sampler on the tiled observations, same key.
+    tiled = np.tile(obs, (4, 1, 1))
+    candidates = np.asarray(policy.act(tiled, rng)).reshape(4, 3, 4, 2)
+    energies = np.asarray(policy.energy(tiled, candidates.reshape(12, 4, 2))).reshape(4, 3)
+    best = np.argmin(energies, axis=0)
+    assert len(set(best.tolist())) > 1 or best[0] != 0  # not always the first candidate
+    np.testing.assert_allclose(chosen, candidates[best, np.arange(3)], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(picky.energy(obs, chosen)) <= energies.min(axis=0) + 1e-5)
+
+
+def test_candidates_need_an_energy_and_sane_settings():
+    cfg = config_lib.load("sweeps/toy.py:tiny")
+    cfg.model.kind = "free"
+    model = EnergyFlowModel.create(cfg.model, (2, 3), (4, 2))
+    cfg.diffusion.n_candidates = 2
+    with pytest.raises(ValueError, match="has none"):
+        Policy.create(model, cfg.model, cfg.diffusion, model.init(jax.random.PRNGKey(0)),
+                      Normalizer.identity(3), Normalizer.identity(2))
+    policy = _policy()
+    with pytest.raises(ValueError, match="unknown sampler settings"):
+        policy.with_settings(n_candidate=2)
+    with pytest.raises(ValueError, match="int >= 1"):
+        policy.with_settings(n_candidates=0)
+
+
 def test_bad_input_and_bad_workdirs(tmp_path):
     policy = _policy()
     with pytest.raises(ValueError, match=r"observation history of shape \(5, 3, 3\)"):

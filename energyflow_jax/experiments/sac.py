@@ -289,13 +289,13 @@ def build_reward(kind: str, config, *, obs_dim: int, act_dim: int, energy=None,
                       pred_horizon=model.action_shape[0],
                       obs_horizon=model.obs_shape[0], obs_dim=model.obs_shape[1],
                       act_dim=model.action_shape[1],
-                      normalize_obs=obs_norm.normalize, normalize_action=act_norm.normalize,
+                      obs_normalizer=obs_norm, action_normalizer=act_norm,
                       schedule=dsm.VESchedule.from_config(config.reward_model.diffusion),
                       n_sample_steps=int(config.reward.n_sample_steps))
     if kind == "adversarial":
         obs_norm, act_norm = normalizers
         kwargs.update(expert_inputs=expert_inputs, adversarial_config=config.reward.adversarial,
-                      normalize_obs=obs_norm.normalize, normalize_action=act_norm.normalize)
+                      obs_normalizer=obs_norm, action_normalizer=act_norm)
     return rewards.make_reward_fn(kind, **kwargs)
 
 

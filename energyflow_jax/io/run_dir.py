@@ -91,7 +91,9 @@ RESUME_MAY_CHANGE = ("log", "eval", "tasks", "seeds", "data.cache_dir", "data.ex
                      "train.checkpoint_every_chunks", "train.max_checkpoints",
                      "train.compilation_cache_dir",
                      # how the same parameters are computed (nn.kernels.KernelPolicy)
-                     "model.conv_impl", "model.matmul_precision")
+                     "model.conv_impl", "model.matmul_precision",
+                     # how the trained policy acts, not what it learned
+                     "diffusion.n_candidates")
 
 
 class WorkdirError(ValueError):

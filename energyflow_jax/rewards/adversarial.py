@@ -117,8 +117,8 @@ class AdversarialReward:
     @classmethod
     def from_expert(cls, expert_inputs: RewardInputs,
                     config: ml_collections.ConfigDict | None = None, *,
-                    normalize_obs=None, normalize_action=None) -> "AdversarialReward":
-        """normalize_obs / normalize_action: `Normalizer`s (mean, std); None = identity."""
+                    obs_normalizer=None, action_normalizer=None) -> "AdversarialReward":
+        """obs_normalizer / action_normalizer: `Normalizer`s (mean, std); None = identity."""
         if expert_inputs.obs.ndim != 3 or expert_inputs.action.ndim != 2:
             raise ValueError("expert_inputs.obs must be (N, obs_horizon, obs_dim) and "
                              "expert_inputs.action (N, act_dim)")
@@ -126,11 +126,10 @@ class AdversarialReward:
         def stats(normalizer, dim):
             if normalizer is None:
                 return np.zeros(dim, np.float32), np.ones(dim, np.float32)
-            owner = getattr(normalizer, "__self__", normalizer)  # a bound .normalize or the object
-            return np.asarray(owner.mean, np.float32), np.asarray(owner.std, np.float32)
+            return np.asarray(normalizer.mean, np.float32), np.asarray(normalizer.std, np.float32)
 
-        normalizers = (stats(normalize_obs, expert_inputs.obs.shape[2]),
-                       stats(normalize_action, expert_inputs.action.shape[1]))
+        normalizers = (stats(obs_normalizer, expert_inputs.obs.shape[2]),
+                       stats(action_normalizer, expert_inputs.action.shape[1]))
         return cls(expert_inputs=expert_inputs, config=config or default_config(),
                    normalizers=normalizers)
 

@@ -217,8 +217,8 @@ def make_reward_fn(
     reference_rng: jax.Array | None = None,
     success_weight: float = 1.0,
     scale: float = 1.0,
-    normalize_obs: Normalizer | None = None,
-    normalize_action: Normalizer | None = None,
+    obs_normalizer: Normalizer | None = None,
+    action_normalizer: Normalizer | None = None,
     expert_inputs: RewardInputs | None = None,
     adversarial_config: Any = None,
     schedule: dsm.VESchedule | None = None,
@@ -242,8 +242,8 @@ def make_reward_fn(
         if expert_inputs is None:
             raise ValueError("reward kind 'adversarial' needs expert_inputs")
         return adversarial.AdversarialReward.from_expert(
-            expert_inputs, adversarial_config, normalize_obs=normalize_obs,
-            normalize_action=normalize_action)
+            expert_inputs, adversarial_config, obs_normalizer=obs_normalizer,
+            action_normalizer=action_normalizer)
 
     if kind in ("sparse", "dense"):
         fn = sparse_reward if kind == "sparse" else dense_reward
@@ -263,8 +263,8 @@ def make_reward_fn(
         raise ValueError("reward kind 'advantage' needs the reward model's diffusion schedule")
 
     energy_func, energy_args = _split_partial(energy_fn)
-    norm_obs = normalize_obs or (lambda x: x)
-    norm_act = normalize_action or (lambda x: x)
+    norm_obs = obs_normalizer.normalize if obs_normalizer is not None else (lambda x: x)
+    norm_act = action_normalizer.normalize if action_normalizer is not None else (lambda x: x)
     centered = kind.startswith("centered")
     bonus = success_weight if kind.endswith("+sparse") else 0.0
     if centered:
