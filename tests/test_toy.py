@@ -37,8 +37,8 @@ def test_true_energy_matches_mixture_density():
 def test_toy_run_ranks_actions_like_the_true_energy(tmp_path):
     config = _toy_config()
     config.unlock()
-    config.optim.total_steps = 1500
-    config.train.steps_per_chunk = 500
+    config.optim.total_steps = 600  # spearman 0.997 at 600 steps, 0.998 at 1500
+    config.train.steps_per_chunk = 300
     config.log.progress = False
     config.log.tensorboard = False
     report = toy_experiment.train_and_evaluate(config, str(tmp_path))
