@@ -316,7 +316,8 @@ def train_sac(
             envs.episode_success = np.maximum(envs.episode_success, success)
             envs.episode_length += 1
             envs.obs_history = np.concatenate([envs.obs_history[:, 1:], next_obs[:, None]], 1)
-            ended = np.flatnonzero(terminated | truncated)
+            done = terminated | truncated
+            ended = np.flatnonzero(done)
             ended_stats = [(envs.episode_return[i], envs.episode_reward[i],
                             envs.episode_success[i], envs.episode_length[i]) for i in ended]
             for i in ended:
@@ -331,9 +332,7 @@ def train_sac(
             step_rewards = np.asarray(step_rewards)
             if update_metrics:
                 last_metrics = update_metrics
-            running = np.ones(num_envs, bool)
-            running[ended] = False
-            envs.episode_reward[running] += step_rewards[running]
+            envs.episode_reward[~done] += step_rewards[~done]  # ended ones were reset
             for i, (ret, rew, succ, length) in zip(ended, ended_stats):
                 window["return"].append(ret)
                 window["reward"].append(rew + step_rewards[i])
