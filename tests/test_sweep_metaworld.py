@@ -12,6 +12,8 @@ from energyflow_jax.policy import Policy
 from energyflow_jax.sweep import grid, runner
 from energyflow_jax.training import unstack
 
+PUBLISHED_TASKS = ("button-press-v3", "drawer-open-v3", "assembly-v3", "bin-picking-v3", "hammer-v3")
+
 
 @pytest.mark.slow
 def test_two_seed_tiny_sweep_equals_two_separate_tiny_runs(tmp_path):
@@ -60,6 +62,9 @@ def test_table_preset_trains_each_task_as_one_program_and_writes_the_published_r
     groups = grid.group_members(grid.expand(cfg))
     assert [(g.config.task, [m.seed for m in g.members]) for g in groups] == [
         ("button-press-v3", [0, 1]), ("drawer-open-v3", [0, 1])]
+    # Each task's own settings reach its members (as :table's per-task recipe does).
+    assert [(g.config.diffusion.n_candidates, g.config.optim.total_steps) for g in groups] == [
+        (2, 20), (1, 10)]
     runner.run(cfg, str(tmp_path))
     results = json.load(open(tmp_path / "results.json"))
     table = results["published"]
@@ -87,10 +92,29 @@ def test_published_numbers_match_the_notes():
     assert round(np.mean(list(ef.values())), 1) == 92.5 and round(np.mean(list(dp.values())), 1) == 90.7
 
 
+def test_table_free_is_the_table_recipe_with_the_free_field():
+    """Like for like: the same tasks, seeds, data, steps and evaluation; only the field
+    differs, and the free one draws one chunk (it has no energy to rank candidates)."""
+    def groups(preset):
+        return grid.group_members(grid.expand(config_lib.load(f"sweeps/sweep_metaworld.py:{preset}")))
+
+    cons, free = groups("table"), groups("table_free")
+    assert [g.config.task for g in cons] == list(PUBLISHED_TASKS)
+    assert [g.config.task for g in free] == list(PUBLISHED_TASKS)
+    for c, f in zip(cons, free):
+        assert (c.config.model.kind, f.config.model.kind) == ("conservative", "free")
+        assert f.config.diffusion.n_candidates == 1
+        cd, fd = c.config.to_dict(), f.config.to_dict()
+        for d in (cd, fd):
+            d["model"].pop("kind"), d["diffusion"].pop("n_candidates"), d.pop("sweep")
+        assert cd == fd
+        assert [m.seed for m in c.members] == [m.seed for m in f.members] == [0, 1, 2]
+
+
 def test_misspelt_task_in_the_table_and_duplicate_seeds_fail_before_any_work(tmp_path):
     cfg = config_lib.load("sweeps/sweep_metaworld.py:table_tiny")
     with cfg.unlocked():
-        cfg.sweep.grid["task"] = ("button-press-v3", "drawer-opne-v3")
+        cfg.sweep.settings = ({"task": "button-press-v3"}, {"task": "drawer-opne-v3"})
     with pytest.raises(ValueError, match="drawer-opne-v3.*drawer-open-v3"):
         runner.run(cfg, str(tmp_path / "typo"))
     assert not (tmp_path / "typo").exists()  # no demos, no sweep.json
