@@ -78,6 +78,30 @@ def _table_free(c):
                              for s in c.sweep.settings)
 
 
+# Tasks of the OOD study (:ood): below 100% at level 0, where a perturbation can show.
+OOD_TASKS = ("assembly-v3", "hammer-v3")
+
+
+def _ood(c):
+    """Conservative vs free under start perturbations (levels 0, S, M, L and 15 cm): each
+    OOD_TASKS task with its :table recipe, 3 seeds, both fields drawing one chunk per
+    replan (the claim is about the field, not the candidate ranking). Writes the paired
+    per-level comparison and ood.png."""
+    _table(c)
+    c.sweep.settings = tuple(
+        {"task": t, **{k: v for k, v in TABLE_RECIPE[t].items() if k != "diffusion.n_candidates"}}
+        for t in OOD_TASKS)
+    c.sweep.grid = sweep_grid({"model.kind": ("conservative", "free")})
+    c.eval.ood_levels = ("S", "M", "L", 0.15)
+
+
+def _ood_tiny(c):
+    c.sweep.settings = ({"task": "button-press-v3"},)
+    c.sweep.grid = sweep_grid({"model.kind": ("conservative", "free")})
+    c.sweep.seeds = (0, 1)
+    c.eval.ood_levels = ("L",)
+
+
 def _table_tiny(c):
     """Two tasks x two seeds of sweeps/metaworld.py:tiny, per-task settings as in :table."""
     c.sweep.grid = sweep_grid({})
@@ -88,7 +112,8 @@ def _table_tiny(c):
 
 PRESETS = {"default": ("default", _default), "tiny": ("tiny", _tiny),
            "paper": ("paper", _paper), "table": ("default", _table),
-           "table_free": ("default", _table_free), "table_tiny": ("tiny", _table_tiny)}
+           "table_free": ("default", _table_free), "table_tiny": ("tiny", _table_tiny),
+           "ood": ("default", _ood), "ood_tiny": ("tiny", _ood_tiny)}
 
 
 def get_config(preset=None):

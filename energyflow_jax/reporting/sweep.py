@@ -69,6 +69,7 @@ def results_markdown(summary: dict) -> str:
         cells.append(r["group"])
         lines.append("| " + " | ".join(cells) + " |")
     lines += _published_markdown(summary.get("published"))
+    lines += _comparison_markdown(summary.get("kind_comparison"))
     members = [m for m in summary["members"] if "ci95" in m["metrics"]]
     if members:  # success rates: each member with its Wilson interval
         lines += ["", "## Members", "",
@@ -107,6 +108,51 @@ def _published_markdown(table: dict | None) -> list[str]:
              row("ours (mean ± std over seeds)", table["ours"])]
     lines += [row(f"{method} (paper)", values) for method, values in table["published"].items()]
     return lines
+
+
+def _comparison_markdown(table: dict | None) -> list[str]:
+    """Per setting and perturbation level: each kind's success and the paired difference."""
+    if not table:
+        return []
+    a, b = table["a"], table["b"]
+    lines = ["", f"## {a} vs {b}, episode by episode", "",
+             f"Success % (mean ± std over seeds); {a} - {b} over paired episodes (same seed, "
+             "layout and perturbation) with its bootstrap 95% CI.", "",
+             f"| setting | level | {a} | {b} | {a} - {b} | 95% CI | pairs |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        name = ", ".join(f"{k}={_fmt(v)}" for k, v in row["setting"].items()) or "-"
+        for lv in row["levels"]:
+            d = lv["difference"]
+            lines.append(f"| {name} | {lv['level']} | {100 * lv[a]['mean']:.1f} ± "
+                         f"{100 * lv[a]['std']:.1f} | {100 * lv[b]['mean']:.1f} ± "
+                         f"{100 * lv[b]['std']:.1f} | {100 * d['mean']:+.1f} | "
+                         f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {lv['n_pairs']} |")
+    return lines
+
+
+def plot_comparison(table: dict, path: str) -> None:
+    """Success against perturbation level, one panel per setting, one line per kind."""
+    from matplotlib.figure import Figure
+
+    rows = table["rows"]
+    fig = Figure(figsize=(4.0 * len(rows), 3.2))
+    axes = fig.subplots(1, len(rows), squeeze=False)[0]
+    for ax, row in zip(axes, rows):
+        levels = [lv["level"] for lv in row["levels"]]
+        for kind in (table["a"], table["b"]):
+            ax.errorbar(range(len(levels)), [100 * lv[kind]["mean"] for lv in row["levels"]],
+                        yerr=[100 * lv[kind]["std"] for lv in row["levels"]], marker="o",
+                        capsize=3, label=kind)
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("perturbation level")
+        ax.set_ylabel("success %")
+        ax.set_title(", ".join(f"{_fmt(v)}" for v in row["setting"].values()) or "all", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{table['a']} vs {table['b']}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 def plot_results(summary: dict, path: str) -> None:
@@ -161,3 +207,5 @@ def write_results(workdir: str, summary: dict) -> None:
     run_dir.write_json(os.path.join(workdir, "results.json"), summary)
     run_dir.atomic_write_text(os.path.join(workdir, "results.md"), results_markdown(summary))
     plot_results(summary, os.path.join(workdir, "results.png"))
+    if summary.get("kind_comparison"):
+        plot_comparison(summary["kind_comparison"], os.path.join(workdir, "ood.png"))

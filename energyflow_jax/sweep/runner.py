@@ -32,6 +32,7 @@ from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.reporting.sweep import summarize, write_results
 from energyflow_jax.sweep.grid import (VMAPPABLE, Group, config_from_dict, expand,
                                        group_members)
+from energyflow_jax.sweep.compare import compare_kinds
 from energyflow_jax.sweep.tasks import TASKS
 from energyflow_jax.training import unstack
 from energyflow_jax.training.loop import MemberRun, fit
@@ -167,6 +168,7 @@ def run(config, workdir: str, on_chunk: Callable[[str, int], None] | None = None
     summary = summarize(config, [m for r in results for m in r["members"]])
     published = getattr(TASKS[config.sweep.task], "published", None)
     summary["published"] = published(summary) if published else None
+    summary["kind_comparison"] = compare_kinds(summary)
     summary["groups"] = [{"gid": g.gid, "n_members": len(g.members),
                           "skipped_as_finished": g.gid in already,
                           "wall_time_s": r["wall_time_s"]} for g, r in zip(groups, results)]

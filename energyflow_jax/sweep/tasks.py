@@ -119,9 +119,7 @@ class MetaWorldTask:
         demos.validate_task_name(gcfg.task)  # a grid over "task" is checked before any demo
         if not gcfg.eval.seeds:
             raise ValueError("config.eval.seeds is empty; give at least one eval seed, e.g. (0,)")
-        if gcfg.eval.ood_levels:
-            raise ValueError("a Meta-World sweep evaluates level 0 only; run the OOD levels "
-                             "with sweeps/metaworld.py (eval.ood_levels) on the chosen setting")
+        MetaWorldTask.levels(gcfg)  # an unknown OOD level fails before any training
         if gcfg.eval.num_envs and gcfg.eval.num_envs < gcfg.eval.n_episodes:
             raise ValueError("a Meta-World sweep steps every episode of every member in one "
                              "wave (so member m's keys are its single run's); leave "
@@ -144,49 +142,80 @@ class MetaWorldTask:
                                   "demo_rand_vecs": np.stack([ep["rand_vec"] for ep in episodes])}
 
     @staticmethod
+    def levels(group_config) -> dict:
+        """{name: perturbation}: level "0" first, then eval.ood_levels (names or metres)."""
+        resolved = [metaworld_eval.resolve_perturbation(lv) for lv in group_config.eval.ood_levels]
+        return {"0": metaworld_eval.resolve_perturbation("0"),
+                **{p.level: p for p in resolved if p.level != "0"}}
+
+    @staticmethod
     def evaluate(config, workdir: str, group: Group, model: EnergyFlowModel,
                  state: training.TrainState, context: dict) -> list[dict]:
-        """Success of every member's EMA policy, pooled over config.eval.seeds.
+        """Success of every member's EMA policy, pooled over config.eval.seeds, at level 0
+        and at each eval.ood_levels perturbation of the same layouts.
 
         All members x episodes step together, and each replan is one sampler call
         for all of them (`policy.act_stacked`). Member m samples with the keys a
         single run of its seed uses (fold_in(PRNGKey(seed), 1000 + eval seed), then
-        the call index), so its episodes match that run's up to float rounding.
+        the call index), so its level-0 episodes match that run's up to float rounding.
+        Per member: level 0's pooled success; with OOD levels also `success_rate_<level>`
+        and, per level, every episode's success in layout order (`episode_success`), so
+        members of two settings with the same seed can be compared episode by episode.
         """
         gcfg, dataset, task = group.config, context["dataset"], context["task"]
         n_members, n = len(group.members), gcfg.eval.n_episodes
         params = jax.device_put(jax.device_get(state.ema_params))
         policy = make_policy(gcfg, model, dataset, params)
         seeds = [m.seed for m in group.members]
-        per_seed = [[] for _ in group.members]
+        levels = MetaWorldTask.levels(gcfg)
+        per_level = {lv: [[] for _ in group.members] for lv in levels}
+        episodes = {lv: [[] for _ in group.members] for lv in levels}
         for eval_seed in gcfg.eval.seeds:
-            spec = metaworld_eval.eval_env_spec(task, n, int(eval_seed), gcfg.eval.max_steps)
-            rand_vecs = np.stack([demos.config_rand_vec(c) for c in spec.configs])
-            demos.assert_configs_disjoint(rand_vecs, context["demo_rand_vecs"])
-            # Layout id m * n + i is member m's episode i on eval config i.
-            spec = dataclasses.replace(spec, configs=spec.configs * n_members)
-            base = jnp.stack([policy_rng(s, eval_seed) for s in seeds])
-            calls = itertools.count()
+            for level, perturbation in levels.items():
+                spec = metaworld_eval.eval_env_spec(task, n, int(eval_seed), gcfg.eval.max_steps,
+                                                    perturbation)
+                rand_vecs = np.stack([demos.config_rand_vec(c) for c in spec.configs])
+                demos.assert_configs_disjoint(rand_vecs, context["demo_rand_vecs"])
+                # Layout id m * n + i is member m's episode i on eval config i.
+                spec = dataclasses.replace(spec, configs=spec.configs * n_members)
+                success = MetaWorldTask._rollout_members(gcfg, policy, spec, seeds, eval_seed)
+                for m in range(n_members):
+                    per_level[level][m].append({
+                        "seed": int(eval_seed), "n_episodes": n,
+                        "n_successes": int(success[m].sum()),
+                        "success_rate": float(success[m].mean())})
+                    episodes[level][m] += [int(x) for x in success[m]]
+        out = []
+        for m in range(n_members):
+            record = {**pooled_success(per_level["0"][m]), "per_eval_seed": per_level["0"][m]}
+            if len(levels) > 1:
+                for level in list(levels)[1:]:
+                    record[f"success_rate_{level}"] = pooled_success(per_level[level][m])["success_rate"]
+                record["episode_success"] = {lv: episodes[lv][m] for lv in levels}
+            out.append(record)
+        return out
 
-            def act(obs_history, base=base, calls=calls):
-                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, next(calls))
-                obs = np.asarray(obs_history).reshape(n_members, -1, *obs_history.shape[1:])
-                chunks = act_stacked(policy, obs, keys)
-                return np.asarray(chunks).reshape(-1, *chunks.shape[2:])
+    @staticmethod
+    def _rollout_members(gcfg, policy, spec, seeds: list[int], eval_seed: int) -> np.ndarray:
+        """(members, episodes) successes of one wave: replan i is call i for every member."""
+        n_members = len(seeds)
+        base = jnp.stack([policy_rng(s, eval_seed) for s in seeds])
+        calls = itertools.count()
 
-            num_envs = n_members * n  # one wave: replan i is call i for every member
-            env = make_batched_env(spec, num_envs, gcfg.eval.num_workers)
-            try:
-                out = rollout(env, act, list(range(n_members * n)), gcfg.data.obs_horizon,
-                              gcfg.data.exec_horizon, gcfg.eval.max_steps)
-            finally:
-                env.close()
-            success = out.success.reshape(n_members, n)
-            for m in range(n_members):
-                per_seed[m].append({"seed": int(eval_seed), "n_episodes": n,
-                                    "n_successes": int(success[m].sum()),
-                                    "success_rate": float(success[m].mean())})
-        return [{**pooled_success(rs), "per_eval_seed": rs} for rs in per_seed]
+        def act(obs_history):
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, next(calls))
+            obs = np.asarray(obs_history).reshape(n_members, -1, *obs_history.shape[1:])
+            chunks = act_stacked(policy, obs, keys)
+            return np.asarray(chunks).reshape(-1, *chunks.shape[2:])
+
+        num_envs = len(spec.configs)
+        env = make_batched_env(spec, num_envs, gcfg.eval.num_workers)
+        try:
+            out = rollout(env, act, list(range(num_envs)), gcfg.data.obs_horizon,
+                          gcfg.data.exec_horizon, gcfg.eval.max_steps)
+        finally:
+            env.close()
+        return out.success.reshape(n_members, -1)
 
     @staticmethod
     def published(summary: dict) -> dict | None:
