@@ -14,8 +14,9 @@ one), "paper" (sweeps/metaworld.py:paper on config.task, seeds 0-2 in one
 program; an accelerator's job), "table" (the paper's five tasks x 3 seeds,
 each task's seeds one program with its own recipe, its table beside the published
 EnergyFlow and Diffusion Policy rows), "table_free" (the same with the free vector
-field: conservative vs free like for like), "tiny" and "table_tiny" (seconds, for tests: 2 seeds,
-and 2 tasks x 2 seeds, of sweeps/metaworld.py:tiny).
+field: conservative vs free like for like), "ood" (conservative vs free under start
+perturbations, paired episode by episode), "tiny", "table_tiny" and "ood_tiny" (seconds,
+for tests, of sweeps/metaworld.py:tiny).
 Writes results.md / results.json (per member: settings, seed, success rate,
 Wilson CI; per setting: mean and std over seeds, best marked) and results.png.
 """
