@@ -126,7 +126,7 @@ def test_misspelt_task_in_the_table_and_duplicate_seeds_fail_before_any_work(tmp
 
 @pytest.mark.slow
 def test_ood_preset_pairs_conservative_and_free_episode_by_episode(tmp_path):
-    cfg = config_lib.load("sweeps/sweep_metaworld.py:ood_tiny")
+    cfg = config_lib.load("sweeps/sweep_metaworld.py:ood_tiny", {"eval.ood_levels": ("S", "L")})
     groups = grid.group_members(grid.expand(cfg))
     assert [g.config.model.kind for g in groups] == ["conservative", "free"]
     runner.run(cfg, str(tmp_path))
@@ -134,11 +134,13 @@ def test_ood_preset_pairs_conservative_and_free_episode_by_episode(tmp_path):
     members = {(m["setting"]["model.kind"], m["seed"]): m["metrics"] for m in results["members"]}
     for metrics in members.values():
         episodes = metrics["episode_success"]
-        assert list(episodes) == ["0", "L"] and all(len(e) == 2 for e in episodes.values())
+        assert metrics["levels"] == ["0", "S", "L"]  # the config's order, not the file's
+        assert sorted(episodes) == ["0", "L", "S"] and all(len(e) == 2 for e in episodes.values())
         assert metrics["success_rate"] == np.mean(episodes["0"])  # level 0 is the usual metric
         assert metrics["success_rate_L"] == np.mean(episodes["L"])
     (row,) = results["kind_comparison"]["rows"]
     assert row["setting"] == {"task": "button-press-v3"} and row["seeds"] == [0, 1]
+    assert [lv["level"] for lv in row["levels"]] == ["0", "S", "L"]
     for lv in row["levels"]:
         cons = np.concatenate([members[("conservative", s)]["episode_success"][lv["level"]] for s in (0, 1)])
         free = np.concatenate([members[("free", s)]["episode_success"][lv["level"]] for s in (0, 1)])

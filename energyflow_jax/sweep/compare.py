@@ -31,7 +31,8 @@ def compare_kinds(summary: dict, a: str = "conservative", b: str = "free") -> di
         seeds = sorted(set(kinds[a]) & set(kinds[b]))
         if not seeds:
             continue
-        levels = list(kinds[a][seeds[0]]["metrics"]["episode_success"])
+        first = kinds[a][seeds[0]]["metrics"]
+        levels = first.get("levels", list(first["episode_success"]))
         per_level = []
         for level in levels:
             ea = [np.asarray(kinds[a][s]["metrics"]["episode_success"][level]) for s in seeds]

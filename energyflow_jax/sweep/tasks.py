@@ -192,6 +192,7 @@ class MetaWorldTask:
                 for level in list(levels)[1:]:
                     record[f"success_rate_{level}"] = pooled_success(per_level[level][m])["success_rate"]
                 record["episode_success"] = {lv: episodes[lv][m] for lv in levels}
+                record["levels"] = list(levels)  # their order: JSON files sort the dict's keys
             out.append(record)
         return out
 
