@@ -95,6 +95,9 @@ def test_perturbation_levels_move_hand_and_object():
     obs_again, _ = mwenv.reset_episode(env, config, hand, me.resolve_perturbation(0.0), np.random.default_rng(0))
     np.testing.assert_allclose(obs_again, obs0, atol=1e-9)
     assert me.resolve_perturbation(0.03).object_shift == 0.03
+    # A shift's name resolves to the same shift: runs pass level names on to evaluation.
+    named = me.resolve_perturbation(0.15)
+    assert named.level == "0.15m" and me.resolve_perturbation(named.level) == named
     with pytest.raises(ValueError, match="Unknown perturbation level"):
         me.resolve_perturbation("XL")
 

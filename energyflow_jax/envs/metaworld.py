@@ -101,6 +101,8 @@ def resolve_perturbation(perturbation: str | float | Perturbation) -> Perturbati
         return perturbation
     if isinstance(perturbation, str):
         key = perturbation.strip().upper()
+        if key.endswith("M") and _is_float(key[:-1]):  # a shift's own name, e.g. "0.15m"
+            return resolve_perturbation(float(key[:-1]))
         if key not in PERTURBATION_LEVELS:
             raise ValueError(
                 f"Unknown perturbation level {perturbation!r}; use one of "
@@ -112,6 +114,14 @@ def resolve_perturbation(perturbation: str | float | Perturbation) -> Perturbati
         raise ValueError(f"perturbation shift must be a finite non-negative number, got {perturbation!r}")
     name = "0" if shift == 0 else f"{shift:g}m"
     return Perturbation(name, shift, shift)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def perturbation_rng(task: str, seed: int, layout_id: int) -> np.random.Generator:
