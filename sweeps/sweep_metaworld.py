@@ -70,13 +70,17 @@ def _table(c):
     c.eval.seeds = (1,)
 
 
+def _one_chunk(settings) -> tuple:
+    """Per-task settings without the energy-ranked candidates (one chunk per replan)."""
+    return tuple({k: v for k, v in s.items() if k != "diffusion.n_candidates"} for s in settings)
+
+
 def _table_free(c):
     """:table with the free vector field (Diffusion Policy's form) on the same backbone,
     data and steps. A free field has no energy to rank chunks by: one chunk each."""
     _table(c)
     c.model.kind = "free"
-    c.sweep.settings = tuple({k: v for k, v in s.items() if k != "diffusion.n_candidates"}
-                             for s in c.sweep.settings)
+    c.sweep.settings = _one_chunk(c.sweep.settings)
 
 
 # Tasks of the OOD study (:ood): below 100% at level 0, where a perturbation can show.
@@ -89,9 +93,7 @@ def _ood(c):
     replan (the claim is about the field, not the candidate ranking). Writes the paired
     per-level comparison and ood.png."""
     _table(c)
-    c.sweep.settings = tuple(
-        {"task": t, **{k: v for k, v in TABLE_RECIPE[t].items() if k != "diffusion.n_candidates"}}
-        for t in OOD_TASKS)
+    c.sweep.settings = _one_chunk({"task": t, **TABLE_RECIPE[t]} for t in OOD_TASKS)
     c.sweep.grid = sweep_grid({"model.kind": ("conservative", "free")})
     c.eval.ood_levels = ("S", "M", "L", 0.15)
 

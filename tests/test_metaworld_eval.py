@@ -100,6 +100,10 @@ def test_perturbation_levels_move_hand_and_object():
     assert named.level == "0.15m" and me.resolve_perturbation(named.level) == named
     with pytest.raises(ValueError, match="Unknown perturbation level"):
         me.resolve_perturbation("XL")
+    # Evaluation order: "0" first, then the config's order, each level once.
+    assert list(me.evaluation_levels(("L", "s", 0.15, "0", "S", "0.15m"))) == ["0", "L", "S", "0.15m"]
+    with pytest.raises(ValueError, match="Unknown perturbation level"):
+        me.evaluation_levels(("S", "XL"))
 
 
 def test_infeasible_layout_is_rejected_not_looped():

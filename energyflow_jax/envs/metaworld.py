@@ -116,6 +116,13 @@ def resolve_perturbation(perturbation: str | float | Perturbation) -> Perturbati
     return Perturbation(name, shift, shift)
 
 
+def evaluation_levels(ood_levels: Sequence[str | float]) -> dict[str, Perturbation]:
+    """{name: Perturbation} in evaluation order: level "0" first, then `ood_levels`
+    (names or metres) without repeats. Raises on an unknown level."""
+    resolved = [resolve_perturbation(lv) for lv in ood_levels]
+    return {"0": resolve_perturbation("0"), **{p.level: p for p in resolved if p.level != "0"}}
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from energyflow_jax.data import metaworld as demos
-from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS, resolve_perturbation re-exported
+from energyflow_jax.envs.metaworld import (  # noqa: F401 - PERTURBATION_LEVELS, resolve_perturbation, evaluation_levels re-exported
     PERTURBATION_LEVELS,
     MetaWorldSpec,
+    evaluation_levels,
     resolve_perturbation,
 )
 from energyflow_jax.evaluation.episodes import PolicyFn, check_arguments, evaluate_spec

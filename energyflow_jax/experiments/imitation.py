@@ -78,8 +78,7 @@ class MetaWorld:
     def eval_levels(config) -> list[str]:
         """Level "0" first, then the requested OOD levels; checked before any work."""
         _check_eval_seeds(config)
-        requested = [metaworld_eval.resolve_perturbation(lv).level for lv in config.eval.ood_levels]
-        return ["0"] + [lv for lv in dict.fromkeys(requested) if lv != "0"]
+        return list(metaworld_eval.evaluation_levels(config.eval.ood_levels))
 
     @staticmethod
     def load_demos(config, workdir: str, task: str, progress: bool) -> tuple[list[dict], dict]:

@@ -144,9 +144,7 @@ class MetaWorldTask:
     @staticmethod
     def levels(group_config) -> dict:
         """{name: perturbation}: level "0" first, then eval.ood_levels (names or metres)."""
-        resolved = [metaworld_eval.resolve_perturbation(lv) for lv in group_config.eval.ood_levels]
-        return {"0": metaworld_eval.resolve_perturbation("0"),
-                **{p.level: p for p in resolved if p.level != "0"}}
+        return metaworld_eval.evaluation_levels(group_config.eval.ood_levels)
 
     @staticmethod
     def evaluate(config, workdir: str, group: Group, model: EnergyFlowModel,
