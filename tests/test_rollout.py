@@ -109,6 +109,17 @@ def test_rollout_known_successes_and_steps():
     np.testing.assert_array_equal(out.trajectories[1][:, 0], [1, 0.5, 0])
 
 
+def test_rollout_to_the_horizon_counts_any_success():
+    # stop_at_success=False (SAC's fixed-horizon evaluation): every episode runs max_steps
+    # steps and succeeds if any step did; replanning every step, GoToZero stays at 0.
+    out = rollout(PointEnv(num_envs=4), GoToZero(), [0, 1, 2, 3, 4, 5], obs_horizon=2,
+                  exec_horizon=1, max_steps=7, stop_at_success=False)
+    np.testing.assert_array_equal(out.success, [True, True, True, True, False, False])
+    np.testing.assert_array_equal(out.steps, [7] * 6)
+    assert out.env_steps == 42
+    np.testing.assert_allclose(out.returns[:4], [0.0, -0.5, -(1.5 + 1 + 0.5), -7.5])
+
+
 def test_rollout_checks_the_policy_output():
     env = PointEnv(num_envs=2)
     with pytest.raises(ValueError, match=r"expected \(2, pred_horizon >= exec_horizon=4, 1\)"):

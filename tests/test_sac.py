@@ -183,3 +183,26 @@ def test_sac_learns_pendulum(tmp_path):
     print(f"pendulum eval return {eval_metrics['eval/return']:.1f} "
           f"after {config.total_env_steps} steps in {time.time() - start:.0f}s")
     assert eval_metrics["eval/return"] > -400
+
+
+def test_metaworld_evaluator_runs_the_horizon_on_new_layouts_each_evaluation():
+    from energyflow_jax.experiments.sac import MetaWorldEvaluator
+
+    def zero_actor(obs):
+        assert obs.shape == (2, 39) and obs.dtype == np.float32  # one batched call per step
+        return np.zeros((len(obs), 4), np.float32)
+
+    make = lambda: MetaWorldEvaluator("coffee-button-v3", 4, seed=3, max_steps=12,  # noqa: E731
+                                      n_evaluations=2, num_envs=2)
+    first, again = make(), make()
+    try:
+        one, two = first(zero_actor, 1), first(zero_actor, 2)
+        assert one["eval/length"] == two["eval/length"] == 12  # the full horizon
+        assert one["eval/success"] == 0.0
+        # Evaluation 2 plays other layouts; a new evaluator replays evaluation 1's exactly.
+        assert one["eval/return"] != two["eval/return"]
+        assert again(zero_actor, 1) == one
+        with pytest.raises(ValueError, match="planned for 2"):
+            first(zero_actor, 3)
+    finally:
+        first.close(), again.close()

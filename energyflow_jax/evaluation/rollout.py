@@ -5,7 +5,9 @@ The env's ``num_envs`` slots run episodes together; every replan makes ONE
 obs_horizon, obs_dim) float32, so a jitted policy compiles once. Each live slot
 executes the first ``exec_horizon`` actions of its chunk (clipped to [-1, 1])
 and then the policy is queried again. An episode ends at its first step with
-``success`` (counted as a success) or after ``max_steps`` steps. Finished slots
+``success`` (counted as a success) or after ``max_steps`` steps; with
+``stop_at_success=False`` every episode runs ``max_steps`` steps (a fixed-horizon
+return, as RL reports it) and succeeds if any step did. Finished slots
 are not stepped any further; their rows in the policy batch keep their last
 observation history and the corresponding outputs are ignored.
 
@@ -57,6 +59,7 @@ def rollout(
     max_steps: int,
     n_record: int = 0,
     on_episode_end: Callable[[], None] | None = None,
+    stop_at_success: bool = True,
 ) -> RolloutResult:
     """Run one episode per entry of ``layout_ids`` on ``env``; see the module docstring.
 
@@ -132,7 +135,8 @@ def rollout(
                         trajectories[e].append(result.obs[slot].copy())
                         actions[e].append(chunk[slot, k].copy())
                     if result.success[slot]:
-                        w_success[slot] = done[slot] = True
+                        w_success[slot] = True
+                        done[slot] = stop_at_success or w_steps[slot] >= max_steps
                     elif w_steps[slot] >= max_steps:
                         done[slot] = True
                     if done[slot] and on_episode_end is not None:

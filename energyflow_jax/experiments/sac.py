@@ -43,7 +43,8 @@ from energyflow_jax.data.windows import make_dataset, make_windows
 from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.models import EnergyFlowModel
 from energyflow_jax.rl.sac.loop import train_sac
-from energyflow_jax.evaluation import statistics
+from energyflow_jax.evaluation import metaworld_eval, statistics
+from energyflow_jax.evaluation.rollout import rollout
 from energyflow_jax.training.loop import fit
 
 ENERGY_KINDS = rewards.ENERGY_KINDS
@@ -82,6 +83,39 @@ def make_env_fn(task: str, seed: int, max_episode_steps: int):
         return gym.make("Meta-World/MT1", env_name=task, seed=seed,
                         max_episode_steps=max_episode_steps, disable_env_checker=True)
     return env_fn
+
+
+class MetaWorldEvaluator:
+    """SAC's evaluation on Meta-World (a `rl.sac.loop.Evaluator`): evaluation k of run
+    `seed` plays the deterministic actor on held-out layouts (k - 1) n .. k n - 1 of the
+    eval config stream of (task, seed) (`evaluation.metaworld_eval`, disjoint from the
+    demos'), so layouts differ between evaluations and runs. The n episodes step in
+    lockstep, one batched actor call per step, on n bare envs built once per run, for
+    the full max_steps (a fixed-horizon return; success = any successful step).
+    """
+
+    def __init__(self, task: str, n_episodes: int, seed: int, max_steps: int,
+                 n_evaluations: int, num_envs: int = 10):
+        self.n_episodes, self.n_evaluations, self.max_steps = n_episodes, n_evaluations, max_steps
+        self.num_envs = min(num_envs, n_episodes)
+        self.spec = metaworld_eval.eval_env_spec(task, n_episodes * n_evaluations, seed, max_steps)
+        self.env = None
+
+    def __call__(self, actor, eval_index: int) -> dict[str, float]:
+        if not 1 <= eval_index <= self.n_evaluations:
+            raise ValueError(f"evaluation {eval_index} of a run planned for {self.n_evaluations}")
+        if self.env is None:
+            self.env = self.spec(self.num_envs)
+        first = (eval_index - 1) * self.n_episodes
+        out = rollout(self.env, lambda history: actor(history[:, -1])[:, None, :],
+                      range(first, first + self.n_episodes), obs_horizon=1, exec_horizon=1,
+                      max_steps=self.max_steps, stop_at_success=False)
+        return {"eval/return": float(out.returns.mean()), "eval/success": float(out.success.mean()),
+                "eval/length": float(out.steps.mean())}
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
 
 
 def env_dims(task: str) -> tuple[int, int]:
@@ -620,12 +654,15 @@ def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
     """train_sac for one seed (resumes); final eval metrics read back from metrics.jsonl."""
     sac_config = ml_collections.ConfigDict(config.sac.to_dict())
     sac_config.seed = seed
-    # Distinct MT1 config draws per env and for evaluation, all derived from the seed.
+    # Distinct MT1 config draws per training env, derived from the seed; evaluation on
+    # held-out layouts of the eval stream (MetaWorldEvaluator).
     env_fns = [make_env_fn(task, 1000 * seed + i, config.max_episode_steps)
                for i in range(config.num_envs)]
-    eval_fn = make_env_fn(task, 1000 * seed + 999, config.max_episode_steps)
+    n_evaluations = -(-int(config.sac.total_env_steps) // int(config.sac.eval_every))
+    evaluator = MetaWorldEvaluator(task, int(config.sac.eval_episodes), seed,
+                                   int(config.max_episode_steps), n_evaluations)
     t0 = time.perf_counter()
-    train_sac(sac_config, env_fns, reward, run_dir, eval_env_fn=eval_fn,
+    train_sac(sac_config, env_fns, reward, run_dir, evaluator=evaluator,
               progress=bool(config.log.progress))
     wall = time.perf_counter() - t0
     curve = eval_curve(read_metrics(run_dir))

@@ -99,27 +99,48 @@ class _HostEnvs:
             env.close()
 
 
-def evaluate(agent: SACAgent, env: gym.Env, num_episodes: int, seed: int) -> dict[str, float]:
-    """Deterministic-policy return and success rate (any success in an episode).
+# obs (n, obs_dim) float32 -> the deterministic policy's actions (n, act_dim) in [-1, 1].
+Actor = Callable[[np.ndarray], np.ndarray]
+# (actor, evaluation index 1, 2, ...) -> {"eval/return", "eval/success", "eval/length"}.
+Evaluator = Callable[[Actor, int], dict[str, float]]
 
-    `env` is the run's one evaluation env: Meta-World draws each episode's layout from
-    its own generator, so successive evaluations see different layouts.
+
+class GymEvaluator:
+    """Episodes one after another on one gymnasium env, made at the first evaluation and
+    kept for the run; success = any step with info["success"].
+
+    Meta-World's gymnasium env draws each episode's layout from its own generator, so
+    successive evaluations see different layouts. `experiments.sac.MetaWorldEvaluator`
+    is the faster Meta-World one (all episodes in lockstep on held-out layouts).
     """
-    space = env.action_space
-    low, high = np.asarray(space.low, np.float32), np.asarray(space.high, np.float32)
-    returns, successes, lengths = [], [], []
-    for episode in range(num_episodes):
-        obs, _ = env.reset(seed=_episode_seed(seed + 1, 10_007, episode))
-        done, ret, succ, length = False, 0.0, 0.0, 0
-        while not done:
-            a = np.asarray(eval_actions(agent, jnp.asarray(obs, jnp.float32).reshape(1, -1)))[0]
-            obs, r, term, trunc, info = env.step(low + 0.5 * (a + 1.0) * (high - low))
-            ret, length = ret + float(r), length + 1
-            succ = max(succ, float(info.get("success", 0.0)))
-            done = term or trunc
-        returns.append(ret), successes.append(succ), lengths.append(length)
-    return {"eval/return": float(np.mean(returns)), "eval/success": float(np.mean(successes)),
-            "eval/length": float(np.mean(lengths))}
+
+    def __init__(self, env_fn: Callable[[], gym.Env], num_episodes: int, seed: int):
+        self.env_fn, self.num_episodes, self.seed = env_fn, num_episodes, seed
+        self.env: gym.Env | None = None
+
+    def __call__(self, actor: Actor, eval_index: int) -> dict[str, float]:
+        if self.env is None:
+            self.env = self.env_fn()
+        env = self.env
+        space = env.action_space
+        low, high = np.asarray(space.low, np.float32), np.asarray(space.high, np.float32)
+        returns, successes, lengths = [], [], []
+        for episode in range(self.num_episodes):
+            obs, _ = env.reset(seed=_episode_seed(self.seed + 1, 10_007, episode))
+            done, ret, succ, length = False, 0.0, 0.0, 0
+            while not done:
+                a = actor(np.asarray(obs, np.float32).reshape(1, -1))[0]
+                obs, r, term, trunc, info = env.step(low + 0.5 * (a + 1.0) * (high - low))
+                ret, length = ret + float(r), length + 1
+                succ = max(succ, float(info.get("success", 0.0)))
+                done = term or trunc
+            returns.append(ret), successes.append(succ), lengths.append(length)
+        return {"eval/return": float(np.mean(returns)), "eval/success": float(np.mean(successes)),
+                "eval/length": float(np.mean(lengths))}
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
 
 
 # ---------------------------------------------------------------------- training loop
@@ -192,6 +213,7 @@ def train_sac(
     workdir: str,
     *,
     eval_env_fn: Callable[[], gym.Env] | None = None,
+    evaluator: Evaluator | None = None,
     progress: bool = True,
 ) -> tuple[SACAgent, dict[str, float]]:
     """Trains SAC on `len(env_fns)` environments stepped in lockstep, with `reward_fn`.
@@ -210,6 +232,9 @@ def train_sac(
         honour reset(seed=) (Pendulum does; Meta-World v3 ignores it and draws its next
         task configuration from its make-time RNG, so there the resumed run continues
         with the saved agent and buffer but sees other task draws).
+    evaluator: called every config.eval_every steps and at the end with the deterministic
+        actor and the evaluation's index (1, 2, ...); default: a `GymEvaluator` of
+        config.eval_episodes episodes on `eval_env_fn` (default env_fns[0]).
     Each vector step adds num_envs transitions and does num_envs * utd_ratio updates
     once warm-up is over. Returns the final agent and the last eval metrics.
     """
@@ -228,7 +253,8 @@ def train_sac(
     except ValueError:
         envs.close()
         raise
-    eval_env_fn = eval_env_fn or env_fns[0]
+    if evaluator is None:
+        evaluator = GymEvaluator(eval_env_fn or env_fns[0], config.eval_episodes, config.seed)
 
     # Fresh state; also the restore target that tells orbax every shape and dtype.
     rng = jax.random.PRNGKey(config.seed)
@@ -259,8 +285,7 @@ def train_sac(
     spec = run_dir.run_spec(config.to_dict(), None)
     cleanup = contextlib.ExitStack()  # the envs and the workdir lock; closed last
     cleanup.callback(envs.close)
-    eval_env: list[gym.Env] = []  # made at the first evaluation, kept for the run
-    cleanup.callback(lambda: [env.close() for env in eval_env])
+    cleanup.callback(getattr(evaluator, "close", lambda: None))
     try:
         cleanup.enter_context(run_dir.workdir_lock(workdir))
         state, start_step = run_dir.restore_verified(workdir, state, spec,
@@ -350,10 +375,10 @@ def train_sac(
                     record.update({f"episode/{k}": float(np.mean(v)) for k, v in window.items()})
                     window = {k: [] for k in window}
             if env_step % config.eval_every == 0 or env_step >= config.total_env_steps:
-                if not eval_env:
-                    eval_env.append(eval_env_fn())
-                eval_metrics = evaluate(state.agent, eval_env[0], config.eval_episodes,
-                                        config.seed)
+                eval_agent = state.agent
+                eval_metrics = evaluator(
+                    lambda obs: np.asarray(eval_actions(eval_agent, jnp.asarray(obs, jnp.float32))),
+                    -(-env_step // config.eval_every))
                 record.update(eval_metrics)
                 bar.set_postfix(ret=f"{eval_metrics['eval/return']:.1f}")
             if record:
