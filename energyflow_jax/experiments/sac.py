@@ -740,6 +740,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     runs = [(kind, seed) for kind in kinds for seed in seeds]
     if int(config.num_workers) > 1:
+        # Longest first, so no worker is left with a long run at the end: a learned
+        # reward trains inside every update, energy kinds score with the reward model.
+        runs.sort(key=lambda run: (not isinstance(reward_objects[run[0]], rewards.LearnedReward),
+                                   run[0] not in ENERGY_KINDS))
         host_energy = None if energy is None else (jax.device_get(energy[1]), *energy[2:])
         outcomes = _run_in_workers(config, workdir, task, runs, build_kwargs | {"energy": host_energy},
                                    {k: scales[k] for k in kinds})
