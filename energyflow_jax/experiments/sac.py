@@ -89,9 +89,10 @@ class MetaWorldEvaluator:
     """SAC's evaluation on Meta-World (a `rl.sac.loop.Evaluator`): evaluation k of run
     `seed` plays the deterministic actor on held-out layouts (k - 1) n .. k n - 1 of the
     eval config stream of (task, seed) (`evaluation.metaworld_eval`, disjoint from the
-    demos'), so layouts differ between evaluations and runs. The n episodes step in
-    lockstep, one batched actor call per step, on n bare envs built once per run, for
-    the full max_steps (a fixed-horizon return; success = any successful step).
+    demos'), so layouts differ between evaluations and runs. The episodes step in
+    lockstep waves on `num_envs` bare envs built once per run, one batched actor call
+    per step, for the full max_steps (a fixed-horizon return; success = any successful
+    step). n_evaluations: how many the run makes (the layouts are drawn up front).
     """
 
     def __init__(self, task: str, n_episodes: int, seed: int, max_steps: int,
