@@ -77,6 +77,22 @@ def test_eval_configs_disjoint_from_demo_configs():
                 max_steps=8, exclude_rand_vecs=demo_vecs)
 
 
+def test_perturbed_start_with_an_undefined_reward_is_redrawn():
+    # Found by the :ood sweep: hammer, eval seed 1, 15 cm, layout id 51 drew a hand start
+    # from which the env's own reward raises at the first step. The start is redrawn.
+    spec = me.eval_env_spec("hammer-v3", 50, 1, 500, 0.15)
+    env = spec.make_env()
+    try:
+        hand = np.array(env.hand_init_pos, dtype=np.float64)
+        obs, info = mwenv.reset_episode(env, spec.configs[1], hand, spec.perturbation,
+                                        mwenv.perturbation_rng("hammer-v3", 1, 51))
+        env.evaluate_state(obs, np.zeros(4))  # raised ValueError before the redraw
+        assert np.linalg.norm(info["object_offset"]) > 0.1  # still perturbed
+        assert np.linalg.norm(info["hand_offset"]) > 0.05
+    finally:
+        env.close()
+
+
 def test_perturbation_levels_move_hand_and_object():
     env = md.make_env(TASK)
     hand = np.array(env.hand_init_pos, np.float64)

@@ -50,7 +50,9 @@ object, uniform on the sphere for the hand.
   the realized offsets in the results show it. The goal is not shifted. If a
   shifted layout breaks one of the env's own constraints (e.g. object within
   15 cm of the goal, which would make its ``reset_model`` loop forever on a
-  frozen rand vec) another direction is drawn.
+  frozen rand vec) another direction is drawn. So is a start from which the env's
+  reward is undefined (hammer raises "margin must be non-negative" when the hand
+  starts too close to the object), which would otherwise fail the first step.
 """
 
 from __future__ import annotations
@@ -168,6 +170,35 @@ def _reset_with_rand_vec(env, rand_vec: np.ndarray) -> np.ndarray:
     return obs
 
 
+def _reset_shifted(env, base: np.ndarray, object_shift: float, rng: np.random.Generator) -> np.ndarray:
+    """Reset with the object moved object_shift metres from layout ``base`` (a feasible
+    direction drawn from ``rng``); a plain reset when object_shift is 0."""
+    if object_shift <= 0:
+        return env.reset()[0]
+    for _ in range(_MAX_DIRECTION_TRIES):
+        rand_vec = base.copy()
+        rand_vec[:2] += object_shift * _random_unit(rng, 2)
+        try:
+            return _reset_with_rand_vec(env, rand_vec)
+        except _InfeasibleLayout:
+            continue
+    raise RuntimeError(
+        f"No feasible {object_shift} m object shift found for {env.task_name} "
+        f"in {_MAX_DIRECTION_TRIES} directions (env layout constraints reject them all)"
+    )
+
+
+def _reward_defined(env, obs: np.ndarray) -> bool:
+    # Some v3 rewards take margins from the start positions and raise when a perturbed
+    # hand starts too close to the object (hammer: "margin must be non-negative"), which
+    # would fail the episode's first step.
+    try:
+        env.evaluate_state(obs, np.zeros(env.action_space.shape, np.float64))
+    except ValueError:
+        return False
+    return True
+
+
 def reset_episode(env, config, default_hand_pos: np.ndarray, perturbation: Perturbation,
                   rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
     """Reset ``env`` to ``config`` with ``perturbation`` applied; (first obs, offsets info)."""
@@ -185,23 +216,17 @@ def reset_episode(env, config, default_hand_pos: np.ndarray, perturbation: Pertu
     # Reference reset without perturbation: the realized shifts are measured against it.
     env.hand_init_pos = default_hand_pos.copy()
     reference, _ = env.reset()
-    env.hand_init_pos = hand_target
-    if perturbation.object_shift > 0:
-        for _ in range(_MAX_DIRECTION_TRIES):
-            rand_vec = base.copy()
-            rand_vec[:2] += perturbation.object_shift * _random_unit(rng, 2)
-            try:
-                obs = _reset_with_rand_vec(env, rand_vec)
-                break
-            except _InfeasibleLayout:
-                continue
-        else:
-            raise RuntimeError(
-                f"No feasible {perturbation.object_shift} m object shift found for {env.task_name} "
-                f"in {_MAX_DIRECTION_TRIES} directions (env layout constraints reject them all)"
-            )
+    for attempt in range(_MAX_DIRECTION_TRIES):
+        if attempt:  # the last start left the env's reward undefined: another hand direction
+            hand_target = np.clip(default_hand_pos + perturbation.hand_shift * _random_unit(rng, 3),
+                                  low, high)
+        env.hand_init_pos = hand_target
+        obs = _reset_shifted(env, base, perturbation.object_shift, rng)
+        if _reward_defined(env, obs):
+            break
     else:
-        obs, _ = env.reset()
+        raise RuntimeError(f"No {perturbation.level} start of {env.task_name} in "
+                           f"{_MAX_DIRECTION_TRIES} directions has a defined reward")
     info["hand_offset"] = (obs[0:3] - reference[0:3]).tolist()
     info["object_offset"] = (obs[4:6] - reference[4:6]).tolist()
     return obs, info
