@@ -206,7 +206,6 @@ def reset_episode(env, config, default_hand_pos: np.ndarray, perturbation: Pertu
     base = np.array(env._last_rand_vec, dtype=np.float64)  # the config's frozen layout
     low = np.maximum(env.hand_low, env.mocap_low)
     high = np.minimum(env.hand_high, env.mocap_high)
-    hand_target = np.clip(default_hand_pos + perturbation.hand_shift * _random_unit(rng, 3), low, high)
     info: dict[str, Any] = {"hand_offset": [0.0, 0.0, 0.0], "object_offset": [0.0, 0.0]}
     if not perturbation.active:
         env.hand_init_pos = default_hand_pos.copy()
@@ -216,11 +215,10 @@ def reset_episode(env, config, default_hand_pos: np.ndarray, perturbation: Pertu
     # Reference reset without perturbation: the realized shifts are measured against it.
     env.hand_init_pos = default_hand_pos.copy()
     reference, _ = env.reset()
-    for attempt in range(_MAX_DIRECTION_TRIES):
-        if attempt:  # the last start left the env's reward undefined: another hand direction
-            hand_target = np.clip(default_hand_pos + perturbation.hand_shift * _random_unit(rng, 3),
-                                  low, high)
-        env.hand_init_pos = hand_target
+    # Another hand direction while a start leaves the env's reward undefined.
+    for _ in range(_MAX_DIRECTION_TRIES):
+        env.hand_init_pos = np.clip(
+            default_hand_pos + perturbation.hand_shift * _random_unit(rng, 3), low, high)
         obs = _reset_shifted(env, base, perturbation.object_shift, rng)
         if _reward_defined(env, obs):
             break
