@@ -137,7 +137,8 @@ def get_config(preset=None):
     c.task = "button-press-v3"
     c.seeds = (0, 1, 2)           # () -> (sac.seed,)
     c.num_envs = 2                # envs stepped in lockstep per seed
-    c.num_workers = 1             # > 1: the (kind, seed) runs spread over spawned processes
+    c.vmap_seeds = 0              # seeds of a kind trained as one vmapped program (0: all)
+    c.num_workers = 1             # > 1: the (kind, seed group) runs spread over spawned processes
     c.max_episode_steps = 200     # the expert needs 54-128 steps on button-press
 
     c.reward = ml_collections.ConfigDict(dict(

@@ -1,7 +1,9 @@
 import json
 import os
+import shutil
 import time
 
+import chex
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -163,6 +165,61 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     other = small_config(**{**config.to_dict(), "actor_lr": 1e-3})
     with pytest.raises(ValueError, match="actor_lr"):
         sac_loop.train_sac(other, envs, DENSE, killed_dir, progress=False)
+
+
+def _group_config():
+    # 2 envs x 50-step episodes: every 100 env steps is an episode boundary of both.
+    return small_config(total_env_steps=400, warmup_env_steps=100, checkpoint_every=200,
+                        log_every=100, eval_every=200, eval_episodes=1, replay_capacity=1000)
+
+
+def test_seed_group_runs_each_seed_as_its_own_run(tmp_path):
+    config = _group_config()
+    config.seed = 1
+    alone, alone_eval = sac_loop.train_sac(config, [short_pendulum] * 2, DENSE,
+                                           str(tmp_path / "alone"), progress=False)
+    group = sac_loop.train_sac_seeds(config, [0, 1], [[short_pendulum] * 2] * 2, DENSE,
+                                     [str(tmp_path / "g0"), str(tmp_path / "g1")], progress=False)
+    (agent0, _), (agent1, eval1) = group
+    chex.assert_trees_all_equal_shapes(agent1, alone)
+    # The same run as seed 1 alone, up to float rounding (the batched matmuls of a group
+    # of 2 round differently from those of a group of 1) ...
+    chex.assert_trees_all_close(agent1, alone, rtol=1e-4, atol=1e-5)
+    assert eval1["eval/return"] == pytest.approx(alone_eval["eval/return"], rel=1e-4)
+    # ... and not seed 0's.
+    assert not np.allclose(agent0.actor.params["Dense_0"]["kernel"],
+                           agent1.actor.params["Dense_0"]["kernel"])
+    assert _read_metrics(str(tmp_path / "g1"))[0]["step"] == 100  # one log per run
+
+
+def test_group_resumes_at_the_step_all_its_runs_saved(tmp_path, capfd):
+    config = _group_config()
+    envs = [[short_pendulum] * 2] * 2
+    full = [str(tmp_path / f"full{k}") for k in range(2)]
+    killed = [str(tmp_path / f"killed{k}") for k in range(2)]
+    full_out = sac_loop.train_sac_seeds(config, [0, 1], envs, DENSE, full, progress=False)
+    sac_loop.train_sac_seeds(config, [0, 1], envs, DENSE, killed, progress=False)
+    # A kill between the two saves of step 400: run 0 saved it, run 1 did not.
+    shutil.rmtree(os.path.join(killed[1], "checkpoints", "400"))
+    capfd.readouterr()
+    resumed = sac_loop.train_sac_seeds(config, [0, 1], envs, DENSE, killed, progress=False)
+    assert "checkpoint step 400" in capfd.readouterr().err
+    assert [n.split("-")[0] for n in os.listdir(os.path.join(killed[0], "checkpoints-quarantine"))] == ["400"]
+    for (agent, evals), (full_agent, full_evals) in zip(resumed, full_out):
+        chex.assert_trees_all_equal(agent, full_agent)  # same group: bit-identical
+        assert evals == full_evals
+    assert [_read_metrics(w) for w in killed] == [_read_metrics(w) for w in full]
+
+
+def test_seed_group_refuses_shared_workdirs_and_repeated_seeds(tmp_path):
+    config = _group_config()
+    with pytest.raises(ValueError, match="distinct seeds"):
+        sac_loop.train_sac_seeds(config, [0, 0], [[short_pendulum]] * 2, DENSE,
+                                 [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    with pytest.raises(ValueError, match="its own workdir"):
+        sac_loop.train_sac_seeds(config, [0, 1], [[short_pendulum]] * 2, DENSE,
+                                 [str(tmp_path / "a")] * 2, progress=False)
+    assert not os.path.exists(tmp_path / "a")
 
 
 @pytest.mark.slow  # ~70 s on 2 cores

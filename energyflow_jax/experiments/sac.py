@@ -15,8 +15,9 @@ Steps of one invocation:
   4. reward_quality.json: each reward, without RL (expert vs perturbed / random actions on
      held-out demo states; correlation with the env's dense reward along held-out expert
      and random-policy trajectories);
-  5. for each kind and seed, `train_sac` in workdir/<kind>/seed<k> (resumes from its
-     checkpoints), then results.json, results.md, curves.png and report.json.
+  5. for each kind, its seeds in groups of `vmap_seeds`, each group one vmapped
+     `train_sac_seeds` program, run k in workdir/<kind>/seed<k> (resumes from its
+     checkpoints); then results.json, results.md, curves.png and report.json.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from energyflow_jax import config as config_lib
 from energyflow_jax.io import run_dir
-from energyflow_jax.io.run_dir import read_metrics  # run_seed's run_dir is a path
+from energyflow_jax.io.run_dir import read_metrics  # run_seeds' run_dirs are paths
 from energyflow_jax.rewards import energy as rewards
 from energyflow_jax.rewards import gates
 from energyflow_jax.data import metaworld as demos
@@ -42,7 +43,7 @@ from energyflow_jax.objectives import dsm
 from energyflow_jax.data.windows import make_dataset, make_windows
 from energyflow_jax.normalizer import Normalizer
 from energyflow_jax.models import EnergyFlowModel
-from energyflow_jax.rl.sac.loop import train_sac
+from energyflow_jax.rl.sac.loop import train_sac_seeds
 from energyflow_jax.evaluation import metaworld_eval, statistics
 from energyflow_jax.evaluation.rollout import rollout
 from energyflow_jax.training.loop import fit
@@ -73,6 +74,17 @@ def reward_kinds(config) -> list[str]:
 
 def seeds_of(config) -> list[int]:
     return [int(s) for s in config.seeds] if config.seeds else [int(config.sac.seed)]
+
+
+def seed_groups(config) -> list[tuple[int, ...]]:
+    """The seeds in groups of config.vmap_seeds (0: one group), each one vmapped program."""
+    seeds, size = seeds_of(config), int(config.vmap_seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds has duplicates: {seeds}")
+    if size < 0:
+        raise ValueError(f"config.vmap_seeds={size} must be >= 0 (0: all seeds together)")
+    size = size or len(seeds)
+    return [tuple(seeds[i:i + size]) for i in range(0, len(seeds), size)]
 
 
 def make_env_fn(task: str, seed: int, max_episode_steps: int):
@@ -624,15 +636,16 @@ def _worker_init(config, workdir: str, task: str, build_kwargs: dict, scales: di
                    rewards=build_reward_objects(list(scales), config, scales, **build_kwargs))
 
 
-def _worker_run(kind: str, seed: int) -> dict:
+def _worker_run(kind: str, seeds: tuple[int, ...]) -> list[dict]:
     w = _WORKER
-    return run_seed(w["config"], os.path.join(w["workdir"], kind, f"seed{seed}"), w["task"], seed,
-                    w["rewards"][kind])
+    return run_seeds(w["config"], [os.path.join(w["workdir"], kind, f"seed{seed}") for seed in seeds],
+                     w["task"], seeds, w["rewards"][kind])
 
 
 def _run_in_workers(config, workdir: str, task: str, runs: list, build_kwargs: dict,
                     scales: dict) -> dict:
-    """The (kind, seed) runs spread over config.num_workers spawned processes; results by run."""
+    """The (kind, seed group) runs spread over config.num_workers spawned processes;
+    results by run."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -651,27 +664,31 @@ def _run_in_workers(config, workdir: str, task: str, runs: list, build_kwargs: d
     return out
 
 
-def run_seed(config, run_dir: str, task: str, seed: int, reward) -> dict:
-    """train_sac for one seed (resumes); final eval metrics read back from metrics.jsonl."""
+def run_seeds(config, run_dirs: list[str], task: str, seeds, reward) -> list[dict]:
+    """train_sac_seeds for a group of seeds (resumes); each run's eval metrics read back from
+    its metrics.jsonl. wall_time_s: the run's share of the group's time."""
     sac_config = ml_collections.ConfigDict(config.sac.to_dict())
-    sac_config.seed = seed
     # Distinct MT1 config draws per training env, derived from the seed; evaluation on
     # held-out layouts of the eval stream (MetaWorldEvaluator).
-    env_fns = [make_env_fn(task, 1000 * seed + i, config.max_episode_steps)
-               for i in range(config.num_envs)]
+    env_fns = [[make_env_fn(task, 1000 * seed + i, config.max_episode_steps)
+                for i in range(config.num_envs)] for seed in seeds]
     n_evaluations = -(-int(config.sac.total_env_steps) // int(config.sac.eval_every))
-    evaluator = MetaWorldEvaluator(task, int(config.sac.eval_episodes), seed,
-                                   int(config.max_episode_steps), n_evaluations)
+    evaluators = [MetaWorldEvaluator(task, int(config.sac.eval_episodes), seed,
+                                     int(config.max_episode_steps), n_evaluations)
+                  for seed in seeds]
     t0 = time.perf_counter()
-    train_sac(sac_config, env_fns, reward, run_dir, evaluator=evaluator,
-              progress=bool(config.log.progress))
-    wall = time.perf_counter() - t0
-    curve = eval_curve(read_metrics(run_dir))
-    if not curve["step"]:
-        raise RuntimeError(f"{run_dir}: no eval in metrics.jsonl")
-    return {"seed": seed, "final_step": curve["step"][-1], "final_success": curve["success"][-1],
-            "success_auc": success_auc(curve), "final_return": curve["return"][-1],
-            "wall_time_s": wall, "curve": curve}
+    train_sac_seeds(sac_config, seeds, env_fns, reward, run_dirs, evaluators=evaluators,
+                    progress=bool(config.log.progress))
+    wall = (time.perf_counter() - t0) / len(seeds)
+    out = []
+    for seed, path in zip(seeds, run_dirs):
+        curve = eval_curve(read_metrics(path))
+        if not curve["step"]:
+            raise RuntimeError(f"{path}: no eval in metrics.jsonl")
+        out.append({"seed": seed, "final_step": curve["step"][-1],
+                    "final_success": curve["success"][-1], "success_auc": success_auc(curve),
+                    "final_return": curve["return"][-1], "wall_time_s": wall, "curve": curve})
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -680,6 +697,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     task = demos.validate_task_name(config.task)
     kinds = reward_kinds(config)
     seeds = seeds_of(config)
+    seed_groups(config)  # a bad seed list fails before any work
     obs_dim, act_dim = env_dims(task)
     needs_energy = any(k in ENERGY_KINDS for k in kinds)
     model_dir = reward_model_dir(config, workdir)
@@ -739,21 +757,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timing["reward_quality_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    runs = [(kind, seed) for kind in kinds for seed in seeds]
+    runs = [(kind, group) for kind in kinds for group in seed_groups(config)]
     if int(config.num_workers) > 1:
         # Longest first, so no worker is left with a long run at the end: a learned
         # reward trains inside every update, energy kinds score with the reward model.
         runs.sort(key=lambda run: (not isinstance(reward_objects[run[0]], rewards.LearnedReward),
-                                   run[0] not in ENERGY_KINDS))
+                                   run[0] not in ENERGY_KINDS, -len(run[1])))
         host_energy = None if energy is None else (jax.device_get(energy[1]), *energy[2:])
-        outcomes = _run_in_workers(config, workdir, task, runs, build_kwargs | {"energy": host_energy},
+        by_group = _run_in_workers(config, workdir, task, runs, build_kwargs | {"energy": host_energy},
                                    {k: scales[k] for k in kinds})
     else:
-        outcomes = {(kind, seed): run_seed(config, os.path.join(workdir, kind, f"seed{seed}"),
-                                           task, seed, reward_objects[kind])
-                    for kind, seed in runs}
+        by_group = {(kind, group): run_seeds(config, [os.path.join(workdir, kind, f"seed{seed}")
+                                                      for seed in group],
+                                             task, group, reward_objects[kind])
+                    for kind, group in runs}
+    outcomes = {(kind, outcome["seed"]): outcome
+                for (kind, _), group_outcomes in by_group.items() for outcome in group_outcomes}
     timing["sac_s"] = time.perf_counter() - t0
-    timing["sac_throughput"] = sac_throughput(config, len(runs), timing["sac_s"])
+    timing["sac_throughput"] = sac_throughput(config, len(kinds) * len(seeds), timing["sac_s"])
     variants = {}
     for kind in kinds:
         per_seed = [outcomes[kind, seed] for seed in seeds]

@@ -355,16 +355,18 @@ def read_checkpoint_spec(workdir: str, step: int) -> dict | None:
         return None
 
 
-def quarantine_checkpoint(workdir: str, step: int, reason: str) -> str:
+def quarantine_checkpoint(workdir: str, step: int, reason: str, failed: bool = True) -> str:
     """Move checkpoint `step` to DIR/checkpoints-quarantine/ (never deleted), with one
-    message saying why; returns where it went."""
+    message saying why (`failed`: it failed verification; else it is set aside);
+    returns where it went."""
     src = step_dir(workdir, step)
     dest = os.path.join(workdir, QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
     if is_main_process():
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.replace(src, dest)
-    print(f"checkpoint step {step} in {workdir} failed verification ({reason}); "
-          f"moved it to {dest} and resuming from the newest good checkpoint", file=sys.stderr)
+    what = "failed verification" if failed else "is set aside"
+    print(f"checkpoint step {step} in {workdir} {what} ({reason}); moved it to {dest}"
+          + (" and resuming from the newest good checkpoint" if failed else ""), file=sys.stderr)
     return dest
 
 

@@ -10,8 +10,8 @@ and the resume guard is `run_dir.restore_verified` (the run spec saved in each c
 from __future__ import annotations
 
 import contextlib
-
 import functools
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -37,44 +37,59 @@ def _episode_seed(seed: int, env_index: int, episode: int) -> int:
 
 
 class _HostEnvs:
-    """A list of gymnasium envs stepped in lockstep on the host (like SyncVectorEnv).
+    """The envs of every run of a group stepped in lockstep on the host (like SyncVectorEnv).
 
-    Written out instead of SyncVectorEnv so that each episode starts from a reset seed
-    derived from (seed, env index, episode count): with the counts in the checkpoint, a
-    resumed run restarts its environments exactly where an uninterrupted run would be
-    when the checkpoint falls on an episode boundary. It also keeps the observation
-    history the reward model reads (padded with the first observation at reset).
+    env_fns[k] are run k's envs, seeded by seeds[k]; env j = k * n + i of the flat list is
+    run k's env i. Written out instead of SyncVectorEnv so that each episode starts from a
+    reset seed derived from (run seed, env index, episode count): with the counts in the
+    checkpoint, a resumed run restarts its environments exactly where an uninterrupted run
+    would be when the checkpoint falls on an episode boundary. It also keeps the
+    observation history the reward model reads (padded with the first observation at reset).
     """
 
-    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], seed: int, obs_horizon: int):
-        self.envs = [fn() for fn in env_fns]
-        self.seed = seed
+    def __init__(self, env_fns: Sequence[Sequence[Callable[[], gym.Env]]], seeds: Sequence[int],
+                 obs_horizon: int):
+        self.num_runs, self.num_envs = len(env_fns), len(env_fns[0])
+        if any(len(fns) != self.num_envs for fns in env_fns):
+            raise ValueError("every run of a group needs the same number of envs, got "
+                             f"{[len(fns) for fns in env_fns]}")
+        self.envs: list[gym.Env] = []
+        try:
+            for fns in env_fns:
+                self.envs.extend(fn() for fn in fns)
+        except BaseException:
+            self.close()
+            raise
+        self.run_seeds = [int(s) for s in seeds]
         self.obs_horizon = obs_horizon
         space = self.envs[0].action_space
         self.act_low = np.asarray(space.low, np.float32)
         self.act_high = np.asarray(space.high, np.float32)
         self.obs_dim = int(np.prod(self.envs[0].observation_space.shape))
         self.act_dim = int(np.prod(space.shape))
-        self.episode_counts = np.zeros(len(self.envs), np.int64)
-        self.obs_history = np.zeros((len(self.envs), obs_horizon, self.obs_dim), np.float32)
-        self.episode_return = np.zeros(len(self.envs))
-        self.episode_reward = np.zeros(len(self.envs))  # the training reward
-        self.episode_success = np.zeros(len(self.envs))
-        self.episode_length = np.zeros(len(self.envs), np.int64)
+        total = len(self.envs)
+        self.episode_counts = np.zeros(total, np.int64)
+        self.obs_history = np.zeros((total, obs_horizon, self.obs_dim), np.float32)
+        self.episode_return = np.zeros(total)
+        self.episode_reward = np.zeros(total)  # the training reward
+        self.episode_success = np.zeros(total)
+        self.episode_length = np.zeros(total, np.int64)
 
     @property
     def obs(self) -> np.ndarray:
         return self.obs_history[:, -1]
 
-    def reset(self, i: int) -> None:
-        obs, _ = self.envs[i].reset(seed=_episode_seed(self.seed, i, int(self.episode_counts[i])))
-        self.obs_history[i] = np.asarray(obs, np.float32).reshape(-1)
-        self.episode_return[i] = self.episode_reward[i] = self.episode_success[i] = 0.0
-        self.episode_length[i] = 0
+    def reset(self, j: int) -> None:
+        run, i = divmod(j, self.num_envs)
+        seed = _episode_seed(self.run_seeds[run], i, int(self.episode_counts[j]))
+        obs, _ = self.envs[j].reset(seed=seed)
+        self.obs_history[j] = np.asarray(obs, np.float32).reshape(-1)
+        self.episode_return[j] = self.episode_reward[j] = self.episode_success[j] = 0.0
+        self.episode_length[j] = 0
 
     def reset_all(self) -> None:
-        for i in range(len(self.envs)):
-            self.reset(i)
+        for j in range(len(self.envs)):
+            self.reset(j)
 
     def to_env_action(self, action: np.ndarray) -> np.ndarray:
         """Agent actions in [-1, 1] -> the env's box."""
@@ -87,11 +102,11 @@ class _HostEnvs:
         success = np.zeros(n, np.float32)
         terminated = np.zeros(n, bool)
         truncated = np.zeros(n, bool)
-        for i, env in enumerate(self.envs):
-            o, r, term, trunc, info = env.step(env_actions[i])
-            next_obs[i] = np.asarray(o, np.float32).reshape(-1)
-            env_reward[i], terminated[i], truncated[i] = r, term, trunc
-            success[i] = float(info.get("success", 0.0))
+        for j, env in enumerate(self.envs):
+            o, r, term, trunc, info = env.step(env_actions[j])
+            next_obs[j] = np.asarray(o, np.float32).reshape(-1)
+            env_reward[j], terminated[j], truncated[j] = r, term, trunc
+            success[j] = float(info.get("success", 0.0))
         return next_obs, env_reward, success, terminated, truncated
 
     def close(self) -> None:
@@ -170,34 +185,46 @@ def _act(agent: SACAgent, rng: jax.Array, obs: jax.Array, random: jax.Array) -> 
     return jnp.where(random, uniform, policy)
 
 
-_first_actions = jax.jit(_act)
+# Every function of the loop state takes the runs of a group stacked on a leading axis.
+_first_actions = jax.jit(jax.vmap(_act, in_axes=(0, 0, 0, None)))
 
 
 @functools.partial(jax.jit, static_argnames=("num_updates", "batch_size", "learned_reward"),
                    donate_argnames=("state",))
 def _step(state: LoopState, transitions: Batch, next_obs: jax.Array, reward: Any,
           num_updates: int, batch_size: int, learned_reward: Any, random: jax.Array):
-    """One vector step on the device: score + insert the transitions, `num_updates` SAC
-    updates, then the actions for `next_obs` (the observations after any resets).
+    """One vector step of every run of a group (leading axis) on the device: score +
+    insert the transitions, `num_updates` SAC updates, then the actions for `next_obs`
+    (the observations after any resets).
 
     One compiled call and one host sync (actions and rewards) per environment step, with
-    every RNG split inside; the loop state is donated so the buffer is updated in place.
+    every RNG split inside; the loop state is donated so the buffers are updated in place.
+    The runs share `reward` (a fixed reward's parameters); a learned reward's state is
+    per run, inside the loop state.
     """
-    reward_inputs = transitions["reward_inputs"]
-    if learned_reward is None:  # fixed reward: score once, store only the reward
-        rewards = reward(reward_inputs)
-        transitions = {k: v for k, v in transitions.items() if k != "reward_inputs"}
-        transitions["rewards"] = rewards
-    else:  # stored inputs are re-scored at every update; this score is only logged
-        rewards = learned_reward.reward(state.reward_state, reward_inputs)
-    buffer = replay_lib.insert(state.buffer, transitions)
-    rng, update_key = jax.random.split(state.rng)
-    agent, reward_state, metrics = state.agent, state.reward_state, {}
-    if num_updates > 0:
-        agent, reward_state, metrics = scan_updates(agent, buffer, update_key, num_updates,
-                                                    batch_size, learned_reward, reward_state)
-    state = state.replace(agent=agent, buffer=buffer, rng=rng, reward_state=reward_state)
-    return state, rewards, _act(agent, rng, next_obs, random), metrics
+
+    def one_run(state: LoopState, transitions: Batch, next_obs: jax.Array):
+        reward_inputs = transitions["reward_inputs"]
+        if learned_reward is None:  # fixed reward: score once, store only the reward
+            rewards = reward(reward_inputs)
+            transitions = {k: v for k, v in transitions.items() if k != "reward_inputs"}
+            transitions["rewards"] = rewards
+        else:  # stored inputs are re-scored at every update; this score is only logged
+            rewards = learned_reward.reward(state.reward_state, reward_inputs)
+        buffer = replay_lib.insert(state.buffer, transitions)
+        rng, update_key = jax.random.split(state.rng)
+        agent, reward_state, metrics = state.agent, state.reward_state, {}
+        if num_updates > 0:
+            agent, reward_state, metrics = scan_updates(agent, buffer, update_key, num_updates,
+                                                        batch_size, learned_reward, reward_state)
+        state = state.replace(agent=agent, buffer=buffer, rng=rng, reward_state=reward_state)
+        return state, rewards, _act(agent, rng, next_obs, random), metrics
+
+    return jax.vmap(one_run)(state, transitions, next_obs)
+
+
+def _run_slice(tree, k: int):
+    return jax.tree.map(lambda x: x[k], tree)
 
 
 # SAC settings a resumed run may change: when it logs, evaluates and saves, and how
@@ -216,32 +243,92 @@ def train_sac(
     evaluator: Evaluator | None = None,
     progress: bool = True,
 ) -> tuple[SACAgent, dict[str, float]]:
-    """Trains SAC on `len(env_fns)` environments stepped in lockstep, with `reward_fn`.
+    """Trains SAC (seed config.seed) on `len(env_fns)` environments stepped in lockstep,
+    with `reward_fn`: `train_sac_seeds` for one seed; returns (final agent, last eval)."""
+    [(agent, eval_metrics)] = train_sac_seeds(
+        config, [config.seed], [env_fns], reward_fn, [workdir], eval_env_fn=eval_env_fn,
+        evaluators=None if evaluator is None else [evaluator], progress=progress)
+    return agent, eval_metrics
+
+
+def _restore_group(workdirs: list[str], states: list, specs: list[dict]) -> tuple[list, int]:
+    """Each run's newest good checkpoint, at one step shared by the whole group.
+
+    The runs are saved one after another, so a kill between two saves leaves some runs a
+    checkpoint ahead: those go back to the group's step (their newer checkpoints are set
+    aside in checkpoints-quarantine/), or every run starts over if one has no checkpoint.
+    """
+    restored = [run_dir.restore_verified(w, s, spec, may_change=RESUME_MAY_CHANGE)
+                for w, s, spec in zip(workdirs, states, specs)]
+    while len({step for _, step in restored}) > 1:
+        common = min(step for _, step in restored)
+        for k, (w, (_, step)) in enumerate(zip(workdirs, restored)):
+            if step > common:
+                for newer in [s for s in run_dir.checkpoint_steps(w) if s > common]:
+                    run_dir.quarantine_checkpoint(w, newer, "it is ahead of the other runs of "
+                                                  "its group", failed=False)
+                restored[k] = run_dir.restore_verified(w, states[k], specs[k],
+                                                       may_change=RESUME_MAY_CHANGE)
+    return [state for state, _ in restored], restored[0][1]
+
+
+def train_sac_seeds(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    env_fns: Sequence[Sequence[Callable[[], gym.Env]]],
+    reward_fn: rewards_lib.Reward | rewards_lib.LearnedReward,
+    workdirs: Sequence[str],
+    *,
+    eval_env_fn: Callable[[], gym.Env] | None = None,
+    evaluators: Sequence[Evaluator] | None = None,
+    progress: bool = True,
+) -> list[tuple[SACAgent, dict[str, float]]]:
+    """Trains one SAC run per seed, all in lockstep as one vmapped program: run k has
+    seed seeds[k] (config.seed is ignored), environments env_fns[k] and workdir workdirs[k].
+
+    Each run is the run `train_sac` would make with that seed (checkpoints, metrics and
+    resume work per run), but every vector step of the group is one compiled call, so the
+    runs share compiling, dispatch and batched reward scoring. They share `reward_fn` (a
+    learned reward keeps one state per run).
 
     reward_fn: a `rewards.Reward` (scored when a transition is stored) or a
         `rewards.LearnedReward` such as `adversarial.AdversarialReward` (updated and re-scored
         inside every gradient step). Its shapes are checked against the environment
         before anything else happens (ValueError on mismatch).
-    workdir: metrics.jsonl and orbax checkpoints (workdir/checkpoints, each with its run spec),
-        all written through `io.run_dir`. If a checkpoint exists the run resumes from it
-        (refused, naming the keys, if learner settings outside RESUME_MAY_CHANGE differ):
-        agent, replay buffer, RNG, learned-reward state and episode counters are restored
-        and environments restart their episodes from the saved counters. A checkpoint on an episode boundary of every env (e.g.
-        checkpoint_every a multiple of num_envs * episode length for fixed-length tasks)
-        makes the resumed run bit-identical to an uninterrupted one on CPU, for envs that
-        honour reset(seed=) (Pendulum does; Meta-World v3 ignores it and draws its next
-        task configuration from its make-time RNG, so there the resumed run continues
-        with the saved agent and buffer but sees other task draws).
-    evaluator: called every config.eval_every steps and at the end with the deterministic
-        actor and the evaluation's index (1, 2, ...); default: a `GymEvaluator` of
-        config.eval_episodes episodes on `eval_env_fn` (default env_fns[0]).
-    Each vector step adds num_envs transitions and does num_envs * utd_ratio updates
-    once warm-up is over. Returns the final agent and the last eval metrics.
+    workdirs: per run, metrics.jsonl and orbax checkpoints (DIR/checkpoints, each with its
+        run spec), all written through `io.run_dir`. If checkpoints exist the runs resume
+        from them (refused, naming the keys, if learner settings outside RESUME_MAY_CHANGE
+        differ), at the newest step every run of the group has: agent, replay buffer,
+        RNG, learned-reward state and episode counters are restored and environments
+        restart their episodes from the saved counters. A checkpoint on an episode
+        boundary of every env (e.g. checkpoint_every a multiple of num_envs * episode
+        length for fixed-length tasks) makes a resumed run bit-identical to an
+        uninterrupted one on CPU, for envs that honour reset(seed=) (Pendulum does;
+        Meta-World v3 ignores it and draws its next task configuration from its
+        make-time RNG, so there the resumed run continues with the saved agent and
+        buffer but sees other task draws).
+    evaluators: per run, called every config.eval_every steps and at the end with that
+        run's deterministic actor and the evaluation's index (1, 2, ...); default: a
+        `GymEvaluator` of config.eval_episodes episodes on `eval_env_fn` (default the
+        run's first env).
+    Each vector step adds num_envs transitions per run and does num_envs * utd_ratio
+    updates per run once warm-up is over. Returns each run's final agent and last eval.
     """
-    num_envs = len(env_fns)
+    seeds = [int(s) for s in seeds]
+    num_runs = len(seeds)
+    if num_runs < 1 or len(set(seeds)) != num_runs:
+        raise ValueError(f"train_sac_seeds needs distinct seeds, got {seeds}")
+    if len(env_fns) != num_runs or len(workdirs) != num_runs:
+        raise ValueError(f"{num_runs} seeds need as many env_fns lists and workdirs, got "
+                         f"{len(env_fns)} and {len(workdirs)}")
+    if len({os.path.abspath(w) for w in workdirs}) != num_runs:
+        raise ValueError(f"every run needs its own workdir, got {list(workdirs)}")
+    if evaluators is not None and len(evaluators) != num_runs:
+        raise ValueError(f"{num_runs} seeds need as many evaluators, got {len(evaluators)}")
     learned = isinstance(reward_fn, rewards_lib.LearnedReward)
     obs_horizon = rewards_lib.reward_obs_horizon(reward_fn)
-    envs = _HostEnvs(env_fns, config.seed, obs_horizon)
+    envs = _HostEnvs(env_fns, seeds, obs_horizon)
+    num_envs = envs.num_envs
     try:
         rewards_lib.check_reward_compatibility(reward_fn, envs.obs_dim, envs.act_dim)
         if not np.all(np.isfinite(envs.act_low)) or not np.all(np.isfinite(envs.act_high)):
@@ -253,13 +340,12 @@ def train_sac(
     except ValueError:
         envs.close()
         raise
-    if evaluator is None:
-        evaluator = GymEvaluator(eval_env_fn or env_fns[0], config.eval_episodes, config.seed)
+    if evaluators is None:
+        evaluators = [GymEvaluator(eval_env_fn or fns[0], config.eval_episodes, seed)
+                      for fns, seed in zip(env_fns, seeds)]
 
-    # Fresh state; also the restore target that tells orbax every shape and dtype.
-    rng = jax.random.PRNGKey(config.seed)
-    rng, agent_key, reward_key = jax.random.split(rng, 3)
-    agent = SACAgent.create(agent_key, envs.obs_dim, envs.act_dim, config)
+    # Fresh states; also the restore targets that tell orbax every shape and dtype.
+    configs, specs, fresh = [], [], []
     example = {
         "obs": np.zeros(envs.obs_dim, np.float32),
         "actions": np.zeros(envs.act_dim, np.float32),
@@ -273,58 +359,77 @@ def train_sac(
             obs=np.zeros((obs_horizon, envs.obs_dim), np.float32),
             action=np.zeros(envs.act_dim, np.float32),
             env_reward=np.zeros((), np.float32), success=np.zeros((), np.float32))
-    state = LoopState(
-        agent=agent,
-        buffer=replay_lib.ReplayBuffer.create(example, config.replay_capacity),
-        rng=rng,
-        reward_state=reward_fn.init(reward_key) if learned else None,
-        env_step=jnp.zeros((), jnp.int32),
-        episode_counts=jnp.zeros((num_envs,), jnp.int32),
-    )
+    for seed in seeds:
+        run_config = ml_collections.ConfigDict(config.to_dict())
+        run_config.seed = seed
+        rng = jax.random.PRNGKey(seed)
+        rng, agent_key, reward_key = jax.random.split(rng, 3)
+        fresh.append(LoopState(
+            agent=SACAgent.create(agent_key, envs.obs_dim, envs.act_dim, run_config),
+            buffer=replay_lib.ReplayBuffer.create(example, config.replay_capacity),
+            rng=rng,
+            reward_state=reward_fn.init(reward_key) if learned else None,
+            env_step=jnp.zeros((), jnp.int32),
+            episode_counts=jnp.zeros((num_envs,), jnp.int32),
+        ))
+        configs.append(run_config)
+        specs.append(run_dir.run_spec(run_config.to_dict(), None))
 
-    spec = run_dir.run_spec(config.to_dict(), None)
-    cleanup = contextlib.ExitStack()  # the envs and the workdir lock; closed last
+    cleanup = contextlib.ExitStack()  # the envs and the workdir locks; closed last
     cleanup.callback(envs.close)
-    cleanup.callback(getattr(evaluator, "close", lambda: None))
+    for evaluator in evaluators:
+        cleanup.callback(getattr(evaluator, "close", lambda: None))
     try:
-        cleanup.enter_context(run_dir.workdir_lock(workdir))
-        state, start_step = run_dir.restore_verified(workdir, state, spec,
-                                                     may_change=RESUME_MAY_CHANGE)
+        for workdir in workdirs:
+            cleanup.enter_context(run_dir.workdir_lock(workdir))
+        states, start_step = _restore_group(list(workdirs), fresh, specs)
     except BaseException:
         cleanup.close()
         raise
+    del fresh
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    del states
     # Synchronous saves: the next step donates (overwrites) the arrays being saved.
-    manager = run_dir.checkpoint_manager(workdir, config.max_checkpoints, asynchronous=False)
-    env_step = int(state.env_step)  # == start_step
-    envs.episode_counts = np.asarray(state.episode_counts, np.int64)
+    managers = [run_dir.checkpoint_manager(w, config.max_checkpoints, asynchronous=False)
+                for w in workdirs]
+    env_step = int(start_step)
+    envs.episode_counts = np.asarray(state.episode_counts, np.int64).reshape(-1)
     envs.reset_all()
 
     reward_arg = None if learned else reward_fn
     learned_arg = reward_fn if learned else None
     updates_per_step = num_envs * config.utd_ratio
-    eval_metrics: dict[str, float] = {}
-    window = {"return": [], "reward": [], "success": [], "length": []}
-    last_metrics: dict[str, float] = {}
-    writer = run_dir.MetricsWriter(workdir, None, config.to_dict(), resume_step=start_step)
+    eval_metrics: list[dict[str, float]] = [{} for _ in seeds]
+    windows = [{"return": [], "reward": [], "success": [], "length": []} for _ in seeds]
+    last_metrics: dict[str, np.ndarray] = {}
+    writers = [run_dir.MetricsWriter(w, None, c.to_dict(), resume_step=start_step)
+               for w, c in zip(workdirs, configs)]
     bar = tqdm(total=config.total_env_steps, initial=env_step, disable=not progress,
-               desc="sac", unit="step", dynamic_ncols=True)
+               desc="sac" if num_runs == 1 else f"sac x{num_runs} seeds", unit="step",
+               dynamic_ncols=True)
     tick_time, tick_step = time.time(), env_step
 
+    def by_run(x: np.ndarray) -> np.ndarray:  # flat (runs * envs, ...) -> (runs, envs, ...)
+        return x.reshape((num_runs, num_envs) + x.shape[1:])
+
     def save(step: int) -> None:
-        run_dir.save_checkpoint(manager, step, state.replace(
-            env_step=jnp.asarray(step, jnp.int32),
-            episode_counts=jnp.asarray(envs.episode_counts, jnp.int32)), spec)
+        counts = by_run(envs.episode_counts)
+        for k, manager in enumerate(managers):
+            run_dir.save_checkpoint(manager, step, _run_slice(state, k).replace(
+                env_step=jnp.asarray(step, jnp.int32),
+                episode_counts=jnp.asarray(counts[k], jnp.int32)), specs[k])
 
     # Actions for the first step; afterwards each _step returns the next ones.
-    actions = np.asarray(_first_actions(state.agent, state.rng, envs.obs,
-                                        env_step < config.warmup_env_steps), np.float32)
+    actions = np.asarray(_first_actions(state.agent, state.rng, by_run(envs.obs),
+                                        env_step < config.warmup_env_steps),
+                         np.float32).reshape(num_runs * num_envs, -1)
     try:
         while env_step < config.total_env_steps:
             env_actions = envs.to_env_action(actions)
             reward_obs = envs.obs_history.copy()
             obs = envs.obs.copy()
             next_obs, env_reward, success, terminated, truncated = envs.step(env_actions)
-            transitions = {
+            transitions = jax.tree.map(by_run, {
                 "obs": obs,
                 "actions": actions,
                 "masks": 1.0 - terminated.astype(np.float32),
@@ -332,7 +437,7 @@ def train_sac(
                 "reward_inputs": rewards_lib.RewardInputs(
                     obs=reward_obs, action=env_actions.astype(np.float32),
                     env_reward=env_reward, success=success),
-            }
+            })
             env_step += num_envs
 
             # Host bookkeeping and resets come first: the next actions are drawn in the
@@ -343,52 +448,64 @@ def train_sac(
             envs.obs_history = np.concatenate([envs.obs_history[:, 1:], next_obs[:, None]], 1)
             done = terminated | truncated
             ended = np.flatnonzero(done)
-            ended_stats = [(envs.episode_return[i], envs.episode_reward[i],
-                            envs.episode_success[i], envs.episode_length[i]) for i in ended]
-            for i in ended:
-                envs.episode_counts[i] += 1
-                envs.reset(i)
+            ended_stats = [(envs.episode_return[j], envs.episode_reward[j],
+                            envs.episode_success[j], envs.episode_length[j]) for j in ended]
+            for j in ended:
+                envs.episode_counts[j] += 1
+                envs.reset(j)
 
             num_updates = updates_per_step if env_step > config.warmup_env_steps else 0
             state, step_rewards, actions, update_metrics = _step(
-                state, transitions, envs.obs, reward_arg, num_updates,
+                state, transitions, by_run(envs.obs), reward_arg, num_updates,
                 config.batch_size, learned_arg, env_step < config.warmup_env_steps)
-            actions = np.asarray(actions, np.float32)  # the step's one host sync
-            step_rewards = np.asarray(step_rewards)
+            # The step's one host sync.
+            actions = np.asarray(actions, np.float32).reshape(num_runs * num_envs, -1)
+            step_rewards = np.asarray(step_rewards).reshape(-1)
             if update_metrics:
                 last_metrics = update_metrics
             envs.episode_reward[~done] += step_rewards[~done]  # ended ones were reset
-            for i, (ret, rew, succ, length) in zip(ended, ended_stats):
+            for j, (ret, rew, succ, length) in zip(ended, ended_stats):
+                window = windows[j // num_envs]
                 window["return"].append(ret)
-                window["reward"].append(rew + step_rewards[i])
+                window["reward"].append(rew + step_rewards[j])
                 window["success"].append(succ)
                 window["length"].append(length)
             bar.update(num_envs)
 
-            record: dict[str, float] = {}
+            records: list[dict[str, float]] = [{} for _ in seeds]
             if env_step % config.log_every == 0:
                 now = time.time()
-                record["sps"] = (env_step - tick_step) / max(now - tick_time, 1e-9)
+                sps = (env_step - tick_step) / max(now - tick_time, 1e-9)
                 tick_time, tick_step = now, env_step
-                record.update({f"train/{k}": float(v) for k, v in last_metrics.items()})
-                if window["return"]:
-                    record.update({f"episode/{k}": float(np.mean(v)) for k, v in window.items()})
-                    window = {k: [] for k in window}
+                host_metrics = jax.device_get(last_metrics)
+                for k, (record, window) in enumerate(zip(records, windows)):
+                    record["sps"] = sps
+                    record.update({f"train/{m}": float(v[k]) for m, v in host_metrics.items()})
+                    if window["return"]:
+                        record.update({f"episode/{m}": float(np.mean(v))
+                                       for m, v in window.items()})
+                        windows[k] = {m: [] for m in window}
             if env_step % config.eval_every == 0 or env_step >= config.total_env_steps:
-                eval_agent = state.agent
-                eval_metrics = evaluator(
-                    lambda obs: np.asarray(eval_actions(eval_agent, jnp.asarray(obs, jnp.float32))),
-                    -(-env_step // config.eval_every))
-                record.update(eval_metrics)
-                bar.set_postfix(ret=f"{eval_metrics['eval/return']:.1f}")
-            if record:
-                writer.write(env_step, record)
+                eval_index = -(-env_step // config.eval_every)
+                for k, (record, evaluator) in enumerate(zip(records, evaluators)):
+                    eval_agent = _run_slice(state.agent, k)
+                    eval_metrics[k] = evaluator(
+                        lambda obs: np.asarray(eval_actions(eval_agent,
+                                                            jnp.asarray(obs, jnp.float32))),
+                        eval_index)
+                    record.update(eval_metrics[k])
+                bar.set_postfix(ret=f"{np.mean([m['eval/return'] for m in eval_metrics]):.1f}")
+            for writer, record in zip(writers, records):
+                if record:
+                    writer.write(env_step, record)
             if env_step % config.checkpoint_every == 0 or env_step >= config.total_env_steps:
                 save(env_step)
     finally:
         bar.close()
-        writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        for writer in writers:
+            writer.close()
+        for manager in managers:
+            manager.wait_until_finished()
+            manager.close()
         cleanup.close()
-    return state.agent, eval_metrics
+    return [(_run_slice(state.agent, k), eval_metrics[k]) for k in range(num_runs)]
