@@ -1,4 +1,4 @@
-"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes ...] [--repeats 3] [--sweep] [--eval-workers N]
+"""Benchmarks: python -m energyflow_jax.bench [--json] [--dtypes ...] [--repeats 3] [--sweep] [--eval-workers N] [--sac-seeds N]
 
 Times the published network and shapes (obs 2x39, chunk 16x4, batch 256):
 DSM train steps/s (AdamW, clipping, EMA included, as in the reference),
@@ -160,6 +160,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-workers", type=int, default=0, metavar="N",
                         help="time only Meta-World evaluation: env steps/s in-process vs N "
                              "worker processes (10 envs x 100 steps, random policy)")
+    parser.add_argument("--sac-seeds", type=int, default=0, metavar="N",
+                        help="time only SAC's loop step: N seeds as one vmapped group vs N "
+                             "groups of one (sweeps/sac.py:table's learner, dense reward)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time an 8-member vmapped sweep against 8 sequential runs")
     parser.add_argument("--gpu-check", action="store_true",
@@ -185,6 +188,10 @@ def main(argv=None) -> dict:
                              budget_s=args.budget_s,
                              skip=tuple(x for x in args.skip.split(",") if x))
 
+    if args.sac_seeds:
+        results = bench_sac_seeds(args.sac_seeds, repeats=max(args.repeats, 3))
+        print(json.dumps(results, indent=2))
+        return results
     if args.eval_workers:
         results = bench_eval_workers(args.eval_workers, repeats=max(args.repeats, 2))
         print(json.dumps(results, indent=2))
@@ -378,6 +385,83 @@ def bench_eval_workers(num_workers: int, n_envs: int = 10, steps: int = 100,
             "per_repeat_ratios": [round(x, 3) for x in ratios],
             "in_process_startup_s": round(float(np.median(startup[0])), 2),
             "workers_startup_s": round(float(np.median(startup[num_workers])), 2)}
+
+
+def bench_sac_seeds(n_seeds: int, steps: int = 100, repeats: int = 5) -> dict:
+    """Seed-steps/s of SAC's compiled loop step (`rl.sac.loop._step`: score and insert 2
+    transitions per seed, 2 SAC updates, the next actions, fetched) for n_seeds seeds as
+    one vmapped group against n_seeds groups of one called in turn, in this process.
+
+    The learner of sweeps/sac.py:table ((128, 128) networks, LayerNorm critics, batch
+    128, 39-D observations, 4-D actions) with the dense reward, on replay buffers of 1000
+    random transitions. The two alternate; the speedup is the median of per-repeat
+    ratios; compiling is excluded.
+    """
+    from energyflow_jax.rewards import energy as rewards
+    from energyflow_jax.rl.sac import agent as sac, loop, replay
+
+    config = sac.default_config()
+    config.update(hidden_dims=(128, 128), critic_layer_norm=True, batch_size=128,
+                  replay_capacity=10_000)
+    obs_dim, act_dim, num_envs = 39, 4, 2
+    reward = rewards.make_reward_fn("dense")
+    gen = np.random.default_rng(0)
+
+    def transitions(n_runs: int, n: int) -> dict:
+        shape = (n_runs, n)
+        return {"obs": gen.normal(size=(*shape, obs_dim)).astype(np.float32),
+                "actions": gen.uniform(-1, 1, (*shape, act_dim)).astype(np.float32),
+                "masks": np.ones(shape, np.float32),
+                "next_obs": gen.normal(size=(*shape, obs_dim)).astype(np.float32),
+                "reward_inputs": rewards.RewardInputs(
+                    obs=gen.normal(size=(*shape, 1, obs_dim)).astype(np.float32),
+                    action=gen.uniform(-1, 1, (*shape, act_dim)).astype(np.float32),
+                    env_reward=gen.normal(size=shape).astype(np.float32),
+                    success=np.zeros(shape, np.float32))}
+
+    def group(seeds) -> loop.LoopState:
+        example = {"obs": np.zeros(obs_dim, np.float32), "actions": np.zeros(act_dim, np.float32),
+                   "masks": np.zeros((), np.float32), "next_obs": np.zeros(obs_dim, np.float32),
+                   "rewards": np.zeros((), np.float32)}
+        states = [loop.LoopState(
+            agent=sac.SACAgent.create(jax.random.PRNGKey(seed), obs_dim, act_dim, config),
+            buffer=replay.ReplayBuffer.create(example, config.replay_capacity),
+            rng=jax.random.PRNGKey(seed), reward_state=None,
+            env_step=jnp.zeros((), jnp.int32), episode_counts=jnp.zeros((num_envs,), jnp.int32))
+            for seed in seeds]
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        fill = transitions(len(seeds), 1000)
+        state, *_ = loop._step(state, fill, fill["obs"][:, :num_envs], reward, 0,
+                               config.batch_size, None, True)
+        return state
+
+    groups = {"vmapped": [group(range(n_seeds))], "one_by_one": [group([s]) for s in range(n_seeds)]}
+    inputs = {name: [transitions(g.rng.shape[0], num_envs) for g in gs]
+              for name, gs in groups.items()}
+
+    def run(name: str, n_steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            for i, (state, batch) in enumerate(zip(groups[name], inputs[name])):
+                state, _, actions, _ = loop._step(state, batch, batch["next_obs"], reward,
+                                                  2, config.batch_size, None, False)
+                np.asarray(actions)  # the loop's one host sync per step
+                groups[name][i] = state
+        return time.perf_counter() - t0
+
+    for name in groups:
+        run(name, 2)  # compile
+    times = {name: [] for name in groups}
+    for r in range(repeats):
+        for name in (("vmapped", "one_by_one") if r % 2 == 0 else ("one_by_one", "vmapped")):
+            times[name].append(run(name, steps))
+    ratios = [b / a for a, b in zip(times["vmapped"], times["one_by_one"])]
+    per_s = {name: n_seeds * steps / float(np.median(t)) for name, t in times.items()}
+    return {"n_seeds": n_seeds, "steps": steps, "repeats": repeats,
+            "vmapped_seed_steps_per_s": round(per_s["vmapped"], 1),
+            "one_by_one_seed_steps_per_s": round(per_s["one_by_one"], 1),
+            "speedup_median_of_ratios": round(float(np.median(ratios)), 3),
+            "per_repeat_ratios": [round(x, 3) for x in ratios]}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ Presets:
   long     1M env steps per seed, 500-step episodes, 10 eval episodes: GPU or a long
            CPU run.
   table    the reward comparison with a verdict (README): every kind, 5 seeds, on the
-           calibrated task, runs spread over 2 worker processes.
+           calibrated task; each kind's seeds are one vmapped program, the 7 programs
+           spread over 2 worker processes.
   tiny     seconds, for tests.
 
 Results of these commands:

@@ -24,10 +24,11 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny CLI run with two reward variants, shared by the tests below."""
+    """One tiny CLI run with two reward variants of two seeds (one vmapped group each),
+    shared by the tests below."""
     workdir = tmp_path_factory.mktemp("sac")
     cmd = [sys.executable, "-m", "energyflow_jax.main", "--config=sweeps/sac.py:tiny",
-           f"--workdir={workdir}", f"--config.reward.kinds={KINDS!r}"]
+           f"--workdir={workdir}", f"--config.reward.kinds={KINDS!r}", "--config.seeds=(0, 1)"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
@@ -46,11 +47,15 @@ def test_cli_writes_results_report_and_plot(tiny_run):
         final = variant["final"]
         assert 0.0 <= final["success_mean"] <= 1.0 and final["success_std"] >= 0.0
         assert np.isfinite(final["return_mean"]) and final["return_std"] >= 0.0
-        assert final["n_seeds"] == len(results["seeds"]) == 1
+        assert final["n_seeds"] == len(results["seeds"]) == 2
         curve = variant["curve"]
         assert curve["step"][-1] == results["env_steps"] == 160
         assert len(curve["success_mean"]) == len(curve["step"]) == len(curve["return_std"])
-        assert os.path.exists(tiny_run / kind / "seed0" / "metrics.jsonl")
+        per_seed = variant["per_seed"]
+        assert [r["seed"] for r in per_seed] == [0, 1]
+        assert per_seed[0]["final_return"] != per_seed[1]["final_return"]  # two runs, not one
+        for seed in (0, 1):
+            assert os.path.exists(tiny_run / kind / f"seed{seed}" / "metrics.jsonl")
     report = _load(tiny_run / "report.json")
     assert {"config", "final_metrics", "wall_time_s", "variant_wall_time_s",
             "reward_quality"} <= set(report)
@@ -124,6 +129,15 @@ def test_reward_built_for_other_env_is_refused():
     reward = sac_experiment.build_reward("centered", config, obs_dim=39, act_dim=4, energy=energy)
     with pytest.raises(ValueError, match="obs_dim=38"):
         rewards.check_reward_compatibility(reward, 39, 4)
+
+
+def test_seed_groups_split_the_seeds_and_refuse_bad_lists():
+    assert sac_experiment.seed_groups(tiny_config(seeds=(0, 1, 2))) == [(0, 1, 2)]
+    assert sac_experiment.seed_groups(tiny_config(seeds=(0, 1, 2), vmap_seeds=2)) == [(0, 1), (2,)]
+    with pytest.raises(ValueError, match="duplicates"):
+        sac_experiment.seed_groups(tiny_config(seeds=(0, 0)))
+    with pytest.raises(ValueError, match="vmap_seeds"):
+        sac_experiment.seed_groups(tiny_config(vmap_seeds=-1))
 
 
 def test_unknown_kind_and_pred_horizon_fail_fast(tmp_path):

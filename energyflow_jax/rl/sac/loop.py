@@ -1,10 +1,11 @@
 """SAC's training run: host environments, evaluation, resumable checkpoints and metrics.
 
-`train_sac` steps gymnasium environments on the host and scores every transition with a
-reward from `energyflow_jax.rewards` (environment, energy or adversarial). Checkpoints
-(orbax, through `io.run_dir`) hold the agent, replay buffer, RNG, learned-reward state
-and episode counters; metrics go to workdir/metrics.jsonl through `run_dir.MetricsWriter`
-and the resume guard is `run_dir.restore_verified` (the run spec saved in each checkpoint).
+`train_sac_seeds` trains a group of seeds as one vmapped program (`train_sac`: one seed):
+it steps gymnasium environments on the host and scores every transition with a reward
+from `energyflow_jax.rewards` (environment, energy or adversarial). Each run keeps its
+own workdir: orbax checkpoints (through `io.run_dir`) of its agent, replay buffer, RNG,
+learned-reward state and episode counters; metrics.jsonl through `run_dir.MetricsWriter`;
+the resume guard `run_dir.restore_verified` (the run spec saved in each checkpoint).
 """
 
 from __future__ import annotations
