@@ -398,7 +398,7 @@ def bench_sac_seeds(n_seeds: int, steps: int = 100, repeats: int = 5) -> dict:
     ratios; compiling is excluded.
     """
     from energyflow_jax.rewards import energy as rewards
-    from energyflow_jax.rl.sac import agent as sac, loop, replay
+    from energyflow_jax.rl.sac import agent as sac, loop
 
     config = sac.default_config()
     config.update(hidden_dims=(128, 128), critic_layer_norm=True, batch_size=128,
@@ -420,16 +420,13 @@ def bench_sac_seeds(n_seeds: int, steps: int = 100, repeats: int = 5) -> dict:
                     success=np.zeros(shape, np.float32))}
 
     def group(seeds) -> loop.LoopState:
-        example = {"obs": np.zeros(obs_dim, np.float32), "actions": np.zeros(act_dim, np.float32),
-                   "masks": np.zeros((), np.float32), "next_obs": np.zeros(obs_dim, np.float32),
-                   "rewards": np.zeros((), np.float32)}
-        states = [loop.LoopState(
-            agent=sac.SACAgent.create(jax.random.PRNGKey(seed), obs_dim, act_dim, config),
-            buffer=replay.ReplayBuffer.create(example, config.replay_capacity),
-            rng=jax.random.PRNGKey(seed), reward_state=None,
-            env_step=jnp.zeros((), jnp.int32), episode_counts=jnp.zeros((num_envs,), jnp.int32))
-            for seed in seeds]
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        example = loop.transition_example(obs_dim, act_dim, 1, learned=False)
+        members = []
+        for seed in seeds:
+            member_config = config.copy_and_resolve_references()
+            member_config.seed = seed
+            members.append(loop.fresh_state(member_config, obs_dim, act_dim, example, num_envs))
+        state = training.stack(members)
         fill = transitions(len(seeds), 1000)
         state, *_ = loop._step(state, fill, fill["obs"][:, :num_envs], reward, 0,
                                config.batch_size, None, True)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from energyflow_jax.io import run_dir
 from energyflow_jax.rewards import energy as rewards_lib
 from energyflow_jax.rl.sac import replay as replay_lib
+from energyflow_jax.training import stack, unstack
 from energyflow_jax.rl.sac.agent import Batch, SACAgent, eval_actions, sample_actions, scan_updates
 
 # ------------------------------------------------------------------ host environments
@@ -173,6 +174,40 @@ class LoopState(struct.PyTreeNode):
     episode_counts: jax.Array  # (num_envs,) episodes started per env (reset seeds)
 
 
+def transition_example(obs_dim: int, act_dim: int, obs_horizon: int, learned: bool) -> dict:
+    """One stored transition (the replay buffer's leaf shapes): the reward itself for a
+    fixed reward, the reward's inputs (re-scored at every update) for a learned one."""
+    example = {
+        "obs": np.zeros(obs_dim, np.float32),
+        "actions": np.zeros(act_dim, np.float32),
+        "masks": np.zeros((), np.float32),
+        "next_obs": np.zeros(obs_dim, np.float32),
+    }
+    if not learned:
+        example["rewards"] = np.zeros((), np.float32)
+    else:
+        example["reward_inputs"] = rewards_lib.RewardInputs(
+            obs=np.zeros((obs_horizon, obs_dim), np.float32),
+            action=np.zeros(act_dim, np.float32),
+            env_reward=np.zeros((), np.float32), success=np.zeros((), np.float32))
+    return example
+
+
+def fresh_state(config: ml_collections.ConfigDict, obs_dim: int, act_dim: int, example: dict,
+                num_envs: int, learned_reward: rewards_lib.LearnedReward | None = None) -> LoopState:
+    """A new run's loop state, all drawn from config.seed."""
+    rng = jax.random.PRNGKey(config.seed)
+    rng, agent_key, reward_key = jax.random.split(rng, 3)
+    return LoopState(
+        agent=SACAgent.create(agent_key, obs_dim, act_dim, config),
+        buffer=replay_lib.ReplayBuffer.create(example, config.replay_capacity),
+        rng=rng,
+        reward_state=None if learned_reward is None else learned_reward.init(reward_key),
+        env_step=jnp.zeros((), jnp.int32),
+        episode_counts=jnp.zeros((num_envs,), jnp.int32),
+    )
+
+
 def _act(agent: SACAgent, rng: jax.Array, obs: jax.Array, random: jax.Array) -> jax.Array:
     """The next actions in [-1, 1]: uniform while `random` (warm-up), else the policy's.
 
@@ -222,10 +257,6 @@ def _step(state: LoopState, transitions: Batch, next_obs: jax.Array, reward: Any
         return state, rewards, _act(agent, rng, next_obs, random), metrics
 
     return jax.vmap(one_run)(state, transitions, next_obs)
-
-
-def _run_slice(tree, k: int):
-    return jax.tree.map(lambda x: x[k], tree)
 
 
 # SAC settings a resumed run may change: when it logs, evaluates and saves, and how
@@ -346,35 +377,15 @@ def train_sac_seeds(
                       for fns, seed in zip(env_fns, seeds)]
 
     # Fresh states; also the restore targets that tell orbax every shape and dtype.
-    configs, specs, fresh = [], [], []
-    example = {
-        "obs": np.zeros(envs.obs_dim, np.float32),
-        "actions": np.zeros(envs.act_dim, np.float32),
-        "masks": np.zeros((), np.float32),
-        "next_obs": np.zeros(envs.obs_dim, np.float32),
-    }
-    if not learned:
-        example["rewards"] = np.zeros((), np.float32)
-    else:  # the reward is recomputed from these at every update
-        example["reward_inputs"] = rewards_lib.RewardInputs(
-            obs=np.zeros((obs_horizon, envs.obs_dim), np.float32),
-            action=np.zeros(envs.act_dim, np.float32),
-            env_reward=np.zeros((), np.float32), success=np.zeros((), np.float32))
+    example = transition_example(envs.obs_dim, envs.act_dim, obs_horizon, learned)
+    configs = []
     for seed in seeds:
         run_config = ml_collections.ConfigDict(config.to_dict())
         run_config.seed = seed
-        rng = jax.random.PRNGKey(seed)
-        rng, agent_key, reward_key = jax.random.split(rng, 3)
-        fresh.append(LoopState(
-            agent=SACAgent.create(agent_key, envs.obs_dim, envs.act_dim, run_config),
-            buffer=replay_lib.ReplayBuffer.create(example, config.replay_capacity),
-            rng=rng,
-            reward_state=reward_fn.init(reward_key) if learned else None,
-            env_step=jnp.zeros((), jnp.int32),
-            episode_counts=jnp.zeros((num_envs,), jnp.int32),
-        ))
         configs.append(run_config)
-        specs.append(run_dir.run_spec(run_config.to_dict(), None))
+    fresh = [fresh_state(c, envs.obs_dim, envs.act_dim, example, num_envs,
+                         reward_fn if learned else None) for c in configs]
+    specs = [run_dir.run_spec(c.to_dict(), None) for c in configs]
 
     cleanup = contextlib.ExitStack()  # the envs and the workdir locks; closed last
     cleanup.callback(envs.close)
@@ -388,7 +399,7 @@ def train_sac_seeds(
         cleanup.close()
         raise
     del fresh
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    state = stack(states)
     del states
     # Synchronous saves: the next step donates (overwrites) the arrays being saved.
     managers = [run_dir.checkpoint_manager(w, config.max_checkpoints, asynchronous=False)
@@ -416,7 +427,7 @@ def train_sac_seeds(
     def save(step: int) -> None:
         counts = by_run(envs.episode_counts)
         for k, manager in enumerate(managers):
-            run_dir.save_checkpoint(manager, step, _run_slice(state, k).replace(
+            run_dir.save_checkpoint(manager, step, unstack(state, k).replace(
                 env_step=jnp.asarray(step, jnp.int32),
                 episode_counts=jnp.asarray(counts[k], jnp.int32)), specs[k])
 
@@ -489,7 +500,7 @@ def train_sac_seeds(
             if env_step % config.eval_every == 0 or env_step >= config.total_env_steps:
                 eval_index = -(-env_step // config.eval_every)
                 for k, (record, evaluator) in enumerate(zip(records, evaluators)):
-                    eval_agent = _run_slice(state.agent, k)
+                    eval_agent = unstack(state.agent, k)
                     eval_metrics[k] = evaluator(
                         lambda obs: np.asarray(eval_actions(eval_agent,
                                                             jnp.asarray(obs, jnp.float32))),
@@ -509,4 +520,4 @@ def train_sac_seeds(
             manager.wait_until_finished()
             manager.close()
         cleanup.close()
-    return [(_run_slice(state.agent, k), eval_metrics[k]) for k in range(num_runs)]
+    return [(unstack(state.agent, k), eval_metrics[k]) for k in range(num_runs)]
