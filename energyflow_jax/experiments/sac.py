@@ -697,7 +697,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     task = demos.validate_task_name(config.task)
     kinds = reward_kinds(config)
     seeds = seeds_of(config)
-    seed_groups(config)  # a bad seed list fails before any work
+    groups = seed_groups(config)  # a bad seed list fails before any work
     obs_dim, act_dim = env_dims(task)
     needs_energy = any(k in ENERGY_KINDS for k in kinds)
     model_dir = reward_model_dir(config, workdir)
@@ -757,7 +757,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timing["reward_quality_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    runs = [(kind, group) for kind in kinds for group in seed_groups(config)]
+    runs = [(kind, group) for kind in kinds for group in groups]
     if int(config.num_workers) > 1:
         # Longest first, so no worker is left with a long run at the end: a learned
         # reward trains inside every update, energy kinds score with the reward model.

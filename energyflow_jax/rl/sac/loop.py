@@ -51,7 +51,7 @@ class _HostEnvs:
 
     def __init__(self, env_fns: Sequence[Sequence[Callable[[], gym.Env]]], seeds: Sequence[int],
                  obs_horizon: int):
-        self.num_runs, self.num_envs = len(env_fns), len(env_fns[0])
+        self.num_envs = len(env_fns[0])
         if any(len(fns) != self.num_envs for fns in env_fns):
             raise ValueError("every run of a group needs the same number of envs, got "
                              f"{[len(fns) for fns in env_fns]}")
